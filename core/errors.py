@@ -7,7 +7,8 @@
     │   ├── IncompatibleAdapter      422 incompatible_adapter   (shapes/modules vs the base model)
     │   ├── UnservableAdapter        422 unservable_adapter     (valid, but this backend cannot serve it)
     │   ├── UnsafeFile               422 unsafe_file            (pickles, path traversal)
-    │   └── ContextLengthExceeded    400 context_length_exceeded
+    │   ├── ContextLengthExceeded    400 context_length_exceeded
+    │   └── RangeNotSatisfiable      416 range_not_satisfiable
     ├── PayloadTooLarge (ValueError) 413 payload_too_large
     ├── Unauthorized (PermissionError)  401 unauthorized
     ├── Forbidden (PermissionError)  403 forbidden
@@ -46,7 +47,7 @@ __all__ = [
     "BaseModelNotFound", "BlobNotFound", "UploadNotFound", "ModelNotFound", "Conflict",
     "VersionImmutable", "ChecksumMismatch", "RateLimited", "Unavailable", "RegistryUnavailable",
     "NoBackendAvailable", "Overloaded", "UpstreamError", "Timeout", "RoutingAbstained",
-    "error_body", "error_from_code",
+    "RangeNotSatisfiable", "error_body", "error_from_code",
 ]
 
 
@@ -150,6 +151,12 @@ class VersionImmutable(Conflict):
 
 class ChecksumMismatch(QuiverError, ValueError):
     status, code = 422, "checksum_mismatch"
+
+
+class RangeNotSatisfiable(InvalidRequest):
+    """An HTTP ``Range`` past the end of a blob (416); ``details`` carries the blob's size."""
+
+    status, code = 416, "range_not_satisfiable"
 
 
 class RateLimited(QuiverError):

@@ -1,0 +1,104 @@
+"""API tokens: generation, hashed storage, scopes and per-repo write rights.
+
+A token is shown once, at creation; the database keeps only its sha256. Scopes are ``read``,
+``write`` (implies read) and ``admin`` (implies all). A token created with ``repos`` patterns
+(``org/*``, ``news-*``; shell-style) may write only to matching repos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from sqlmodel import Session, select
+
+from quiver.errors import Forbidden, Unauthorized
+from quiver.registry.models import Token
+
+__all__ = ["Principal", "ANONYMOUS", "hash_token", "new_token_secret", "principal_for_token",
+           "ensure_admin_token", "BOOTSTRAP_TOKEN_NAME"]
+
+BOOTSTRAP_TOKEN_NAME = "bootstrap-admin"
+_IMPLIED = {"admin": {"admin", "write", "read"}, "write": {"write", "read"}, "read": {"read"}}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a token's name, effective scopes and repo patterns (None: all repos)."""
+
+    name: str
+    scopes: frozenset[str]
+    repos: tuple[str, ...] | None = None
+    token_id: int | None = None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.token_id is None
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    def may_write(self, repo: str) -> bool:
+        if not self.has("write"):
+            return False
+        if self.has("admin") or self.repos is None:
+            return True
+        return any(fnmatchcase(repo, pattern) for pattern in self.repos)
+
+    def require(self, scope: str) -> None:
+        if self.has(scope):
+            return
+        if self.anonymous:
+            raise Unauthorized(f"this call needs a token with the {scope!r} scope",
+                               details={"scope": scope})
+        raise Forbidden(f"token {self.name!r} lacks the {scope!r} scope", details={"scope": scope})
+
+    def require_write(self, repo: str) -> None:
+        self.require("write")
+        if not self.may_write(repo):
+            raise Forbidden(f"token {self.name!r} may not write to {repo!r}",
+                            details={"repo": repo, "allowed": list(self.repos or [])})
+
+
+ANONYMOUS = Principal(name="anonymous", scopes=frozenset())
+
+
+def hash_token(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_token_secret() -> str:
+    return "qvr_" + secrets.token_urlsafe(32)
+
+
+def _effective(scopes: list[str]) -> frozenset[str]:
+    out: set[str] = set()
+    for s in scopes:
+        out |= _IMPLIED.get(s, set())
+    return frozenset(out)
+
+
+def principal_for_token(session: Session, secret: str) -> Principal:
+    """The principal a bearer token stands for; :class:`Unauthorized` when unknown."""
+    digest = hash_token(secret)
+    row = session.exec(select(Token).where(Token.token_hash == digest)).first()
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
+        raise Unauthorized("invalid or revoked token")
+    return Principal(name=row.name, scopes=_effective(row.scopes),
+                     repos=tuple(row.repos) if row.repos is not None else None, token_id=row.id)
+
+
+def ensure_admin_token(session: Session, secret: str) -> None:
+    """Store the bootstrap admin token (hashed), replacing an older bootstrap token."""
+    digest = hash_token(secret)
+    old = session.exec(select(Token).where(Token.name == BOOTSTRAP_TOKEN_NAME)).all()
+    if any(t.token_hash == digest for t in old):
+        return
+    for t in old:
+        session.delete(t)
+    session.flush()
+    session.add(Token(name=BOOTSTRAP_TOKEN_NAME, token_hash=digest, scopes=["admin"]))
+    session.commit()

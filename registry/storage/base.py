@@ -1,0 +1,226 @@
+"""The blob-store contract and the pieces both stores share.
+
+A blob is an immutable byte string named by its lower-case hex sha256. A store holds each blob
+once, however many files, versions or repositories refer to it. Every write goes to a private
+temporary name first, is hashed on the way, checked against what the caller expected, and only
+then published under its final name in one atomic step, so a reader never sees half a blob.
+
+Large files arrive as numbered parts (0-based) staged under an upload key; ``complete_parts``
+assembles them in order, verifies the result and publishes it the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Generator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from quiver.errors import InvalidRequest
+
+__all__ = [
+    "BlobStore", "BlobStream", "BlobListing", "CHUNK_SIZE", "check_sha256", "check_upload_key",
+    "check_part_number", "check_range", "rechunk", "MAX_PARTS",
+]
+
+CHUNK_SIZE = 1 << 20
+"""Bytes per chunk when streaming a blob out, and the write batch size when streaming one in."""
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_UPLOAD_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_PARTS = 10_000
+
+
+def check_sha256(sha256: str) -> str:
+    """Return ``sha256`` if it is 64 lower-case hex digits; InvalidRequest otherwise."""
+    if not isinstance(sha256, str) or not _SHA256_RE.match(sha256):
+        raise InvalidRequest(f"not a sha256 digest: {sha256!r} (64 lower-case hex digits)",
+                             details={"sha256": sha256 if isinstance(sha256, str) else None})
+    return sha256
+
+
+def check_upload_key(upload_key: str) -> str:
+    if (not isinstance(upload_key, str) or not _UPLOAD_KEY_RE.match(upload_key)
+            or ".." in upload_key):
+        raise InvalidRequest(f"invalid upload key {upload_key!r}",
+                             details={"upload_key": upload_key if isinstance(upload_key, str)
+                                      else None})
+    return upload_key
+
+
+def check_part_number(part_number: int) -> int:
+    if (isinstance(part_number, bool) or not isinstance(part_number, int)
+            or not 0 <= part_number < MAX_PARTS):
+        raise InvalidRequest(f"part numbers run from 0 to {MAX_PARTS - 1}, got {part_number!r}",
+                             details={"part_number": part_number})
+    return part_number
+
+
+def check_range(start: int, end: int | None, size: int) -> tuple[int, int]:
+    """Clamp an inclusive HTTP-style range to ``size``; returns (start, stop), stop exclusive."""
+    if start < 0 or (end is not None and end < start):
+        raise InvalidRequest(f"invalid byte range {start}-{'' if end is None else end}",
+                             details={"start": start, "end": end, "size": size})
+    if start > size or (start == size and size > 0):
+        raise InvalidRequest(f"range start {start} is past the end of a {size}-byte blob",
+                             details={"start": start, "end": end, "size": size})
+    stop = size if end is None else min(end + 1, size)
+    return start, stop
+
+
+async def rechunk(chunks: AsyncIterator[bytes], size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+    """Regroup a stream of small chunks into chunks of about ``size`` bytes (the last shorter)."""
+    pending: list[bytes] = []
+    held = 0
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+            raise TypeError(f"blob chunks must be bytes, got {type(chunk).__name__}")
+        pending.append(bytes(chunk))
+        held += len(chunk)
+        if held >= size:
+            yield pending[0] if len(pending) == 1 else b"".join(pending)
+            pending, held = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else b"".join(pending)
+
+
+class BlobStream:
+    """The bytes of one blob range, opened lazily.
+
+    ``await stream`` opens it eagerly (so a missing blob raises BlobNotFound before any response
+    starts) and returns the stream itself; ``async for chunk in stream`` opens it on the first
+    chunk if that has not happened yet. Chunks are at most :data:`CHUNK_SIZE` bytes. The stream
+    closes itself when exhausted; call :meth:`aclose` when abandoning it early.
+    """
+
+    def __init__(self) -> None:
+        self._opened = False
+        self._closed = False
+        self.length: int | None = None
+        """Bytes the range holds, known once opened."""
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _read(self) -> bytes:
+        raise NotImplementedError
+
+    async def _release(self) -> None:
+        raise NotImplementedError
+
+    async def open(self) -> BlobStream:
+        if not self._opened:
+            await self._open()
+            self._opened = True
+        return self
+
+    def __await__(self) -> Generator[object, None, BlobStream]:
+        return self.open().__await__()
+
+    def __aiter__(self) -> BlobStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            await self.open()
+            chunk = await self._read()
+        except BaseException:
+            await self.aclose()
+            raise
+        if not chunk:
+            await self.aclose()
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._opened:
+                await self._release()
+
+    async def read_all(self) -> bytes:
+        """Every byte of the range; meant for small ranges."""
+        return b"".join([chunk async for chunk in self])
+
+
+class BlobListing:
+    """``async for sha256, size in store.list_blobs()``; also awaitable, returning itself."""
+
+    def __init__(self, pages: AsyncIterator[list[tuple[str, int]]]) -> None:
+        self._pages = pages
+        self._page: list[tuple[str, int]] = []
+
+    def __await__(self) -> Generator[object, None, BlobListing]:
+        async def itself() -> BlobListing:
+            return self
+        return itself().__await__()
+
+    def __aiter__(self) -> BlobListing:
+        return self
+
+    async def __anext__(self) -> tuple[str, int]:
+        while not self._page:
+            self._page = list(await self._pages.__anext__())
+            self._page.reverse()
+        return self._page.pop()
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Content-addressed blob storage: a local directory or an S3-compatible bucket."""
+
+    kind: str
+
+    async def exists(self, sha256: str) -> bool: ...
+
+    async def size(self, sha256: str) -> int | None: ...
+
+    async def put_stream(self, chunks: AsyncIterator[bytes], *, expected_sha256: str | None = None,
+                         expected_size: int | None = None) -> tuple[str, int]:
+        """Store a stream; returns (sha256, size). ChecksumMismatch / InvalidRequest on a
+        digest or size other than the expected one, leaving nothing stored."""
+        ...
+
+    async def put_part(self, upload_key: str, sha256: str, part_number: int,
+                       chunks: AsyncIterator[bytes]) -> int:
+        """Stage part ``part_number`` (0-based) of blob ``sha256``; re-sending replaces it."""
+        ...
+
+    async def list_parts(self, upload_key: str, sha256: str) -> list[int]: ...
+
+    async def complete_parts(self, upload_key: str, sha256: str, part_count: int,
+                             expected_size: int) -> tuple[str, int]:
+        """Assemble parts 0..part_count-1, verify, publish, and drop the parts."""
+        ...
+
+    async def abort_parts(self, upload_key: str, sha256: str | None = None) -> None:
+        """Drop the staged parts of one blob, or of the whole upload when ``sha256`` is None."""
+        ...
+
+    def open_range(self, sha256: str, start: int = 0, end: int | None = None) -> BlobStream:
+        """Bytes ``start..end`` (inclusive, like HTTP Range); BlobNotFound when missing."""
+        ...
+
+    async def read_prefix(self, sha256: str, n: int) -> bytes: ...
+
+    async def delete(self, sha256: str) -> None: ...
+
+    async def presigned_get_url(self, sha256: str, expires_s: int = 600) -> str | None: ...
+
+    def list_blobs(self) -> BlobListing: ...
+
+    def local_path(self, sha256: str) -> Path | None:
+        """A filesystem path to serve the blob from without copying, or None."""
+        ...
+
+    async def cleanup_stale(self, older_than_s: float = 24 * 3600) -> int:
+        """Remove temporaries and staged parts left by interrupted writes; returns the count."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the store's threads and connections (at process shutdown)."""
+        ...
