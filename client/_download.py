@@ -1,0 +1,265 @@
+"""Blob downloads into the cache: parallel ranged GETs, resumable, verified by sha256.
+
+A blob below the parallel threshold is one ranged GET, hashed as its bytes arrive. A larger
+blob is split into chunks; worker threads fetch the missing bytes of each chunk with a
+``Range`` request and ``os.pwrite`` them at their offset, while the calling thread hashes the
+written prefix as it grows, so verification overlaps the transfer. Progress per chunk is
+recorded next to the partial file, so an interrupted download continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import httpx
+
+from quiver.errors import ChecksumMismatch, RegistryUnavailable, UpstreamError
+from quiver.http import raise_for_status
+from quiver.wire import FileEntry
+
+from quiver.client._cache import Cache, PartialState, hash_file
+from quiver.client._rawhttp import RawRange, raw_fetch_usable
+
+__all__ = ["Downloader", "blob_url", "TRANSIENT_ERRORS"]
+
+TRANSIENT_ERRORS = (httpx.TransportError, OSError)
+_ATTEMPTS = 4
+_SAVE_EVERY_S = 0.5
+
+Write = Callable[[int, "bytes | memoryview"], None]
+
+
+def blob_url(sha256: str) -> str:
+    return f"/api/v1/blobs/{sha256}"
+
+
+class _ShortRead(Exception):
+    pass
+
+
+class Downloader:
+    """Fetches blobs named by :class:`FileEntry` into a :class:`Cache`.
+
+    ``lean=True`` lets plain-``http`` ranges bypass httpx (see ``_rawhttp``); it is off when
+    the caller gave the httpx client a transport of its own.
+    """
+
+    def __init__(self, http: httpx.Client, cache: Cache, *, parallel: int = 4,
+                 chunk: int = 32 << 20, threshold: int = 64 << 20, lean: bool = True):
+        self.http = http
+        self.cache = cache
+        self.parallel = max(1, parallel)
+        self.chunk = max(1 << 16, chunk)
+        self.threshold = threshold
+        self.lean = lean and raw_fetch_usable(http.base_url)
+        self._local = threading.local()
+
+    def missing(self, entries: list[FileEntry]) -> list[FileEntry]:
+        """The entries whose blobs are not yet verified in the cache (one per sha256)."""
+        seen: set[str] = set()
+        out = []
+        for e in entries:
+            if e.sha256 in seen or self.cache.has_blob(e):
+                continue
+            seen.add(e.sha256)
+            out.append(e)
+        return out
+
+    def fetch(self, entries: list[FileEntry], *, progress: bool = False,
+              desc: str = "pull") -> int:
+        """Download every missing blob of ``entries``; returns the number of bytes fetched."""
+        todo = self.missing(entries)
+        if not todo:
+            return 0
+        states = {e.sha256: self.cache.load_partial(e, self._chunk_for(e)) for e in todo}
+        total = sum(s.missing_bytes() for s in states.values())
+        bar = _progress_bar(total, desc) if progress else None
+        fetched = 0
+        try:
+            with ThreadPoolExecutor(self.parallel, thread_name_prefix="quiver-dl") as pool:
+                for entry in todo:
+                    with self.cache.blob_lock(entry.sha256):
+                        if self.cache.has_blob(entry):  # another process fetched it meanwhile
+                            continue
+                        state = self.cache.load_partial(entry, self._chunk_for(entry))
+                        fetched += self._fetch_verified(pool, entry, state, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return fetched
+
+    def _chunk_for(self, entry: FileEntry) -> int:
+        return self.chunk if entry.size >= self.threshold else max(1, entry.size)
+
+    def _fetch_verified(self, pool, entry: FileEntry, state: PartialState, bar) -> int:
+        fetched = 0
+        for attempt in range(2):
+            try:
+                before = state.missing_bytes()
+                digest = self._fetch_one(pool, entry, state, bar)
+                fetched += before
+                self.cache.finish_partial(entry, digest)
+                return fetched
+            except ChecksumMismatch:
+                if attempt == 1:
+                    raise
+                # finish_partial dropped the bad bytes: fetch the whole blob once more.
+                state = PartialState(entry.size, self._chunk_for(entry))
+                state.have = [0] * state.chunk_count
+        return fetched
+
+    def _fetch_one(self, pool, entry: FileEntry, state: PartialState, bar) -> str:
+        path = self.cache.partial_path(entry.sha256)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        stop = threading.Event()
+        try:
+            if state.chunk_count == 1:
+                hasher = hash_file(path, 0, state.have[0]) if state.have[0] else hashlib.sha256()
+                self._fetch_chunk(fd, entry, state, 0, stop, bar, hasher)
+                return hasher.hexdigest()
+            return self._fetch_chunks(pool, fd, path, entry, state, stop, bar)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            os.close(fd)
+            if state.missing_bytes():
+                self.cache.save_partial(entry.sha256, state)
+
+    def _fetch_chunks(self, pool, fd: int, path, entry: FileEntry, state: PartialState,
+                      stop: threading.Event, bar) -> str:
+        errors: list[BaseException] = []
+        progressed = threading.Condition()
+
+        def notify() -> None:
+            with progressed:
+                progressed.notify()
+
+        def work(i: int) -> None:
+            try:
+                if not stop.is_set():
+                    self._fetch_chunk(fd, entry, state, i, stop, bar, None, notify)
+            except BaseException as exc:  # handed to the calling thread
+                errors.append(exc)
+                stop.set()
+            finally:
+                notify()
+
+        futures = [pool.submit(work, i) for i in range(state.chunk_count)
+                   if not state.chunk_done(i)]
+        hasher = hashlib.sha256()
+        hashed = 0
+        # Chunks land out of order, so the file's length says nothing after a hard kill: keep
+        # a record of each chunk's progress, never ahead of what was written.
+        self.cache.save_partial(entry.sha256, state)
+        saved_at = time.monotonic()
+        try:
+            # Hash the contiguous written prefix as it grows, from the page cache.
+            while hashed < entry.size:
+                if time.monotonic() - saved_at > _SAVE_EVERY_S:
+                    self.cache.save_partial(entry.sha256, state)
+                    saved_at = time.monotonic()
+                with progressed:
+                    k = hashed // state.chunk
+                    start, _ = state.chunk_range(k)
+                    ready = start + state.have[k]
+                    if ready <= hashed:
+                        if errors:
+                            break
+                        progressed.wait(0.25)
+                        continue
+                hash_file(path, hashed, ready, hasher)
+                hashed = ready
+        finally:
+            if errors or hashed < entry.size:
+                stop.set()
+            for f in futures:
+                f.cancel()
+            for f in futures:
+                if not f.cancelled():
+                    f.exception()
+        if errors:
+            raise errors[0]
+        return hasher.hexdigest()
+
+    def _raw(self) -> RawRange:
+        raw = getattr(self._local, "raw", None)
+        if raw is None:
+            raw = RawRange(self.http.base_url, self.http.headers, self.http.timeout.read or 60.0)
+            self._local.raw = raw
+        return raw
+
+    def _fetch_chunk(self, fd: int, entry: FileEntry, state: PartialState, i: int,
+                     stop: threading.Event, bar, hasher=None,
+                     notify: Callable[[], None] | None = None) -> None:
+        start, end = state.chunk_range(i)
+
+        def write(pos: int, data) -> None:
+            os.pwrite(fd, data, pos)
+            if hasher is not None:
+                hasher.update(data)
+            state.have[i] = pos + len(data) - start
+            if bar is not None:
+                bar.update(len(data))
+            if notify is not None:
+                notify()
+
+        for attempt in range(_ATTEMPTS):
+            pos = start + state.have[i]
+            if pos >= end or stop.is_set():
+                return
+            try:
+                reached = None
+                if self.lean:
+                    reached = self._raw().fetch(blob_url(entry.sha256), pos, end, write, stop)
+                if reached is None:
+                    self._stream_range(entry, pos, end, stop, write)
+                if start + state.have[i] < end and not stop.is_set():
+                    raise _ShortRead(f"connection closed at byte {start + state.have[i]} of {end}")
+            except (*TRANSIENT_ERRORS, _ShortRead) as exc:
+                if attempt == _ATTEMPTS - 1:
+                    raise RegistryUnavailable(
+                        f"download of {entry.path} failed after {_ATTEMPTS} attempts: {exc}",
+                        details={"sha256": entry.sha256}) from exc
+                time.sleep(0.2 * 2 ** attempt)
+
+    def _stream_range(self, entry: FileEntry, pos: int, end: int, stop: threading.Event,
+                      write: Write) -> None:
+        headers = {"Range": f"bytes={pos}-{end - 1}"}
+        with self.http.stream("GET", blob_url(entry.sha256), headers=headers) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise_for_status(r)
+            skip = 0
+            if r.status_code == 206:
+                got = r.headers.get("content-range", "")
+                if not got.startswith(f"bytes {pos}-"):
+                    raise UpstreamError(f"registry answered range {got!r} for bytes={pos}-",
+                                        details={"sha256": entry.sha256})
+            elif r.status_code == 200:
+                skip = pos  # the server ignored Range: read past what we already hold
+            else:
+                raise UpstreamError(f"unexpected HTTP {r.status_code} for blob {entry.sha256}")
+            for data in r.iter_raw():
+                if skip:
+                    if len(data) <= skip:
+                        skip -= len(data)
+                        continue
+                    data, skip = data[skip:], 0
+                take = min(len(data), end - pos)
+                write(pos, data[:take] if take < len(data) else data)
+                pos += take
+                if pos >= end or stop.is_set():
+                    return
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                leave=False)
