@@ -65,6 +65,7 @@ class RedisEventBus:
 
     async def subscribe(self) -> AsyncIterator[RegistryEvent | None]:
         import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
 
         delay = 0.2
         while True:
@@ -81,7 +82,7 @@ class RedisEventBus:
                         yield RegistryEvent.model_validate_json(msg["data"])
                     except ValueError:
                         _log.warning("dropping malformed event", extra={"fields": {"data": msg["data"]}})
-            except (ConnectionError, OSError) as exc:  # redis errors derive from ConnectionError
+            except (RedisError, ConnectionError, OSError) as exc:
                 _log.warning("event bus disconnected; retrying", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
