@@ -133,6 +133,7 @@ class BackendHeartbeat(BaseModel):
     free_slots: int = 0
     queue_depth: int = 0
     running: int = 0
+    max_running: int = 0                              # sequences the engine runs at once; 0 unknown
     kv_cache_usage: float = 0.0
     draining: bool = False
     ts: float

@@ -6,13 +6,18 @@ weight) ranks, scored by residency:
 1. Only backends that serve the request's base model and are not draining are eligible;
    ejected backends (repeated failures) are eligible only when nothing else is.
 2. ``load = in-flight requests from this gateway + the backend's reported queue depth``.
-   The cap is ``ceil(load_cap × (Σ load + 1) / n)``: a backend at the cap takes no more of
-   this adapter's traffic while others are below it, so no adapter creates a hotspot.
+   The cap is ``ceil(load_cap × (Σ load + 1) / n)``, and never more than the backend's
+   reported ``max_running`` (past it a backend only queues): a backend at its cap takes no
+   more of this adapter's traffic while others are below it, so no adapter creates a hotspot.
 3. Backends under the cap come first, best residency first (engine slot 1.0, loading 0.9,
    host cache 0.7, disk cache 0.6, not resident with a free slot 0.5, not resident and full
-   0.3), ties broken by the adapter's rendezvous rank. A cold adapter therefore lands on the
-   same small set of backends every time instead of being loaded everywhere.
+   0.3). Among backends that hold the adapter in a slot (or are loading it) the least loaded
+   comes first; elsewhere the adapter's rendezvous rank decides, so a cold adapter lands on
+   the same small set of backends every time instead of being loaded everywhere.
 4. Backends at or over the cap follow, least loaded first: they are the retries.
+
+The defaults (``load_cap=1.25``) come from ``bench/fleet_sim.py``; docs/benchmarks.md has
+the figures.
 
 Base-model requests (no adapter) use the power of two choices: two random eligible backends,
 the less loaded first, then the rest by load.
@@ -83,9 +88,19 @@ def choose_backends(*, base_model: str, adapter: str | None,
 
     ranks = {hb.backend_id: rendezvous_weight(adapter, hb.backend_id) for hb in eligible}
     cap = max(1, math.ceil(load_cap * (sum(loads.values()) + 1) / len(eligible)))
-    under = [hb for hb in eligible if loads[hb.backend_id] + 1 <= cap]
-    over = [hb for hb in eligible if loads[hb.backend_id] + 1 > cap]
-    under.sort(key=lambda hb: (-residency_score(hb, adapter), -ranks[hb.backend_id]))
+    def limit(hb: BackendHeartbeat) -> int:
+        # Past its engine's concurrency a backend only queues, whatever the fleet's mean load.
+        return min(cap, hb.max_running) if hb.max_running > 0 else cap
+
+    under = [hb for hb in eligible if loads[hb.backend_id] + 1 <= limit(hb)]
+    over = [hb for hb in eligible if loads[hb.backend_id] + 1 > limit(hb)]
+    def key(hb: BackendHeartbeat):
+        score = residency_score(hb, adapter)
+        # Where the adapter is already resident, the least loaded such backend; elsewhere the
+        # adapter's own rendezvous order, so cold loads land on a small, stable set.
+        return (-score, loads[hb.backend_id] if score >= 0.9 else 0, -ranks[hb.backend_id])
+
+    under.sort(key=key)
     over.sort(key=lambda hb: (loads[hb.backend_id], -ranks[hb.backend_id]))
     return under + over
 

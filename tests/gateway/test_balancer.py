@@ -120,3 +120,34 @@ def test_base_model_requests_use_two_random_choices_less_loaded_first():
 def test_the_gateway_never_imports_torch():
     code = "import sys, quiver.gateway.server; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_a_backend_at_its_engine_concurrency_is_not_preferred_even_if_resident():
+    from quiver.gateway.balancer import choose_backends
+    from quiver.wire import BackendHeartbeat
+
+    def hb(i, gpu, running_cap):
+        return BackendHeartbeat(backend_id=f"b{i}", url=f"http://b{i}", base_model="m",
+                                gpu=gpu, total_slots=4, free_slots=2, max_running=running_cap,
+                                ts=0.0)
+
+    busy = hb(0, ["a/1"], 2)
+    idle = hb(1, [], 2)
+    order = choose_backends(base_model="m", adapter="a/1", backends=[busy, idle],
+                            inflight={"b0": 2, "b1": 0})
+    assert [b.backend_id for b in order] == ["b1", "b0"]
+    # With room left, residency wins.
+    order = choose_backends(base_model="m", adapter="a/1", backends=[busy, idle],
+                            inflight={"b0": 1, "b1": 0})
+    assert order[0].backend_id == "b0"
+
+
+def test_among_resident_backends_the_least_loaded_comes_first():
+    from quiver.gateway.balancer import choose_backends
+    from quiver.wire import BackendHeartbeat
+
+    fleet = [BackendHeartbeat(backend_id=f"b{i}", url=f"http://b{i}", base_model="m",
+                              gpu=["a/1"], total_slots=4, free_slots=3, ts=0.0) for i in range(3)]
+    order = choose_backends(base_model="m", adapter="a/1", backends=fleet,
+                            inflight={"b0": 3, "b1": 1, "b2": 2})
+    assert [b.backend_id for b in order][:2] == ["b1", "b2"]
