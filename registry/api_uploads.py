@@ -29,7 +29,7 @@ from quiver.registry.auth import Principal
 from quiver.registry.deps import RegistryDep, Writer
 from quiver.registry.models import Blob, ManifestFile, PushMetadata, Upload, UploadCreate, Version
 from quiver.registry.state import Registry
-from quiver.registry.storage.base import CHUNK_SIZE, check_sha256
+from quiver.registry.storage.base import CHUNK_SIZE, PartAssembler, check_sha256
 from quiver.registry.safetensors_check import header_length, parse_safetensors_header
 from quiver.registry.validation import FileSource, check_manifest, inspect_adapter
 from quiver.wire import VersionInfo
@@ -266,7 +266,12 @@ async def put_part(upload_id: str, sha256: str, part: int, request: Request, reg
                if f["sha256"] == sha256 and f["path"].endswith(".safetensors")]
     head = _HeaderTap() if part == 0 and weights else None
     stream = _counted(request.stream(), expected)
-    await reg.store.put_part(upload_id, sha256, part, head.tap(stream) if head else stream)
+    body = head.tap(stream) if head else stream
+    if isinstance(reg.store, PartAssembler):    # in place: completing then copies nothing
+        await reg.store.put_part_at(upload_id, sha256, part, body, part_size=upload.part_size,
+                                    blob_size=size)
+    else:
+        await reg.store.put_part(upload_id, sha256, part, body)
     if head is not None and head.complete:
         try:   # refuse a bad header now, not after every part has been sent
             parse_safetensors_header(bytes(head.data), size, file_name=weights[0])

@@ -6,7 +6,9 @@ temporary name first, is hashed on the way, checked against what the caller expe
 then published under its final name in one atomic step, so a reader never sees half a blob.
 
 Large files arrive as numbered parts (0-based) staged under an upload key; ``complete_parts``
-assembles them in order, verifies the result and publishes it the same way.
+assembles them in order, verifies the result and publishes it the same way. A store that also
+implements :class:`PartAssembler` can take each part at its final offset instead, when the
+caller knows the blob's part size and total size, so that completing costs one hash and no copy.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Protocol, runtime_checkable
 from quiver.errors import InvalidRequest
 
 __all__ = [
-    "BlobStore", "BlobStream", "BlobListing", "CHUNK_SIZE", "check_sha256", "check_upload_key",
-    "check_part_number", "check_range", "rechunk", "MAX_PARTS",
+    "BlobStore", "BlobStream", "BlobListing", "PartAssembler", "CHUNK_SIZE", "check_sha256",
+    "check_upload_key", "check_part_number", "check_range", "part_length", "rechunk", "MAX_PARTS",
 ]
 
 CHUNK_SIZE = 1 << 20
@@ -54,6 +56,20 @@ def check_part_number(part_number: int) -> int:
         raise InvalidRequest(f"part numbers run from 0 to {MAX_PARTS - 1}, got {part_number!r}",
                              details={"part_number": part_number})
     return part_number
+
+
+def part_length(part_number: int, part_size: int, blob_size: int) -> int:
+    """Bytes part ``part_number`` holds when a ``blob_size``-byte blob is cut every
+    ``part_size`` bytes; InvalidRequest for a part past the end (a 0-byte blob has one part)."""
+    check_part_number(part_number)
+    if part_size < 1 or blob_size < 0:
+        raise InvalidRequest(f"invalid part layout: {part_size}-byte parts of {blob_size} bytes",
+                             details={"part_size": part_size, "blob_size": blob_size})
+    count = max(1, -(-blob_size // part_size))
+    if part_number >= count:
+        raise InvalidRequest(f"part {part_number} out of range: this blob has {count} part(s)",
+                             details={"part": part_number, "part_count": count})
+    return min(part_size, blob_size - part_number * part_size)
 
 
 def check_range(start: int, end: int | None, size: int) -> tuple[int, int]:
@@ -223,4 +239,18 @@ class BlobStore(Protocol):
 
     async def aclose(self) -> None:
         """Release the store's threads and connections (at process shutdown)."""
+        ...
+
+
+@runtime_checkable
+class PartAssembler(Protocol):
+    """A store that writes each part straight to its place in the blob being assembled."""
+
+    async def put_part_at(self, upload_key: str, sha256: str, part_number: int,
+                          chunks: AsyncIterator[bytes], *, part_size: int,
+                          blob_size: int) -> int:
+        """Stage part ``part_number`` of a ``blob_size``-byte blob cut every ``part_size``
+        bytes; the part must hold exactly its share (InvalidRequest otherwise, and it is then
+        not counted as received). Re-sending replaces it. ``complete_parts`` then verifies and
+        publishes the assembled blob."""
         ...

@@ -4,7 +4,23 @@ Layout under ``root``::
 
     blobs/ab/cdef...       one file per blob, named by its sha256 (first two hex digits as folder)
     tmp/<random>.tmp       writes in progress; renamed into blobs/ once verified
-    uploads/<key>/<sha256>/000000   staged parts of resumable uploads
+    uploads/<key>/<sha256>/000000   staged parts of resumable uploads, one file each
+    uploads/<key>/<sha256>/assembly the blob being assembled, when parts come with their layout
+    uploads/<key>/<sha256>/layout   "<part size> <blob size>" of that assembly
+    uploads/<key>/<sha256>/done.000000  marker: that part's bytes are complete in the assembly
+    uploads/<key>/<sha256>/lock.000000  locked while that part is being written
+
+A blob's parts are staged one way or the other: as separate files (``put_part``), concatenated
+when completed, or written in place into one preallocated assembly file (``put_part_at``), which
+completing hashes once and renames into ``blobs/`` without copying. A part's marker is removed
+before its bytes are (re)written and created only once they are all written (and flushed), so
+a part torn by a crash is never counted. Part writers hold a shared ``flock`` on the assembly
+and completing holds an exclusive one, so no byte changes between hashing and publishing.
+
+Parts that arrive in order are hashed as they pass (a running sha256 of the received prefix,
+kept in memory), so completing hashes only what the prefix lacks. Each marker holds a random
+token; the running hash remembers the tokens of the parts it covers and is used only if every
+one is unchanged when completing, so a part rewritten since (by any process) is hashed again.
 
 File I/O runs in worker threads so the event loop never waits on the disk.
 """
@@ -13,25 +29,109 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
+import secrets
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from quiver.errors import BlobNotFound, ChecksumMismatch, InvalidRequest
+from quiver.errors import BlobNotFound, ChecksumMismatch, Conflict, InvalidRequest
 
 from .base import (
     CHUNK_SIZE, BlobListing, BlobStream, check_part_number, check_range, check_sha256,
-    check_upload_key, rechunk,
+    check_upload_key, part_length, rechunk,
 )
 
 __all__ = ["LocalBlobStore"]
 
 _LIST_PAGE = 1000
+_ASSEMBLY = "assembly"
+_LAYOUT = "layout"
+_DONE = "done."
+_WRITE_BATCH = 4 << 20
+"""Bytes gathered from the request before one vectored write into the assembly."""
+_WRITE_BUFFERS = 512
+_HASH_BLOCK = 8 << 20
+_PART_LOCK = "lock."
+_PART_WAIT_S = 30.0
+"""How long a part waits for an earlier upload of the same part to end."""
+
+
+def _marker(part_number: int) -> str:
+    return f"{_DONE}{part_number:06d}"
+
+
+@dataclass(eq=False)
+class _Prefix:
+    """A running sha256 over bytes ``[0, end)`` of one assembly: the parts in ``tokens``."""
+
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    end: int = 0
+    tokens: dict[int, str] = field(default_factory=dict)
+    busy: bool = False
+    """True while one thread is feeding the hasher."""
+
+
+def _pwrite_all(fd: int, buffers: list[bytes], offset: int,
+                hasher: hashlib._Hash | None = None) -> None:
+    """Write ``buffers`` back to back at ``offset``, however the kernel splits the write."""
+    if hasher is not None:
+        for b in buffers:
+            hasher.update(b)
+    total = sum(len(b) for b in buffers)
+    written = os.pwritev(fd, buffers, offset)
+    if written < total:
+        rest = memoryview(b"".join(buffers))[written:]
+        while rest:
+            n = os.pwrite(fd, rest, offset + written)
+            rest, written = rest[n:], written + n
+
+
+def _read_token(parts: Path, part_number: int) -> str | None:
+    try:
+        return (parts / _marker(part_number)).read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _close_after(done: asyncio.Future[None], *fds: int) -> None:
+    if not done.cancelled():
+        done.exception()        # retrieved: the request that started it has failed already
+    _close_all(*fds)
+
+
+def _flock_within(fd: int, operation: int, wait_s: float) -> bool:
+    """``flock`` that gives up after ``wait_s`` seconds; True once the lock is held."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _verify(digest: str, size: int, expected_sha256: str | None,
@@ -99,6 +199,8 @@ class LocalBlobStore:
         self._uploads = self.root / "uploads"
         for d in (self._blobs, self._tmp, self._uploads):
             d.mkdir(parents=True, exist_ok=True)
+        self._prefixes: dict[Path, _Prefix] = {}
+        self._prefix_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalBlobStore({str(self.root)!r})"
@@ -215,16 +317,215 @@ class LocalBlobStore:
             raise
         return size
 
+    async def put_part_at(self, upload_key: str, sha256: str, part_number: int,
+                          chunks: AsyncIterator[bytes], *, part_size: int,
+                          blob_size: int) -> int:
+        parts = self._parts_dir(upload_key, sha256)
+        length = part_length(part_number, part_size, blob_size)
+        offset = part_number * part_size
+        opening = asyncio.ensure_future(asyncio.to_thread(
+            self._open_slot, parts, part_number, part_size, blob_size))
+        try:
+            fd, lock, prefix = await asyncio.shield(opening)
+        except asyncio.CancelledError:     # the thread goes on: release what it opens
+            opening.add_done_callback(lambda f: self._release_opened(f, parts))
+            raise
+        hasher = prefix.hasher if prefix is not None else None
+        size = 0
+        inflight: asyncio.Future[None] | None = None     # the thread now using ``fd``
+        try:
+            batch: list[bytes] = []
+            held = 0
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                size += len(chunk)
+                if size > length:
+                    raise InvalidRequest(f"part {part_number} holds more than its {length} bytes",
+                                         details={"part": part_number, "expected": length})
+                batch.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
+                held += len(chunk)
+                if held >= _WRITE_BATCH or len(batch) >= _WRITE_BUFFERS:
+                    if inflight is not None:    # one write in flight while the next batch fills
+                        await asyncio.shield(inflight)
+                    inflight = asyncio.ensure_future(asyncio.to_thread(
+                        _pwrite_all, fd, batch, offset + size - held, hasher))
+                    batch, held = [], 0
+            if inflight is not None:
+                await asyncio.shield(inflight)
+            if size != length:
+                raise InvalidRequest(f"part {part_number} holds {size} bytes; expected {length}",
+                                     details={"part": part_number, "expected": length,
+                                              "received": size})
+            if batch:
+                inflight = asyncio.ensure_future(asyncio.to_thread(
+                    _pwrite_all, fd, batch, offset + size - held, hasher))
+                await asyncio.shield(inflight)
+            inflight = asyncio.ensure_future(asyncio.to_thread(
+                self._seal_slot, fd, parts, part_number, prefix, part_size, blob_size))
+            await asyncio.shield(inflight)
+        except BaseException:
+            if prefix is not None:
+                self._drop_prefix(parts, prefix)
+            raise
+        finally:
+            if inflight is not None and not inflight.done():   # close once that thread ends
+                inflight.add_done_callback(lambda f: _close_after(f, fd, lock))
+            else:
+                _close_all(fd, lock)
+        return size
+
+    def _release_opened(self, opening: asyncio.Future[tuple[int, int, _Prefix | None]],
+                        parts: Path) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            fd, lock, prefix = opening.result()
+            if prefix is not None:
+                self._drop_prefix(parts, prefix)
+            _close_all(fd, lock)
+
+    def _open_slot(self, parts: Path, part_number: int, part_size: int,
+                   blob_size: int) -> tuple[int, int, _Prefix | None]:
+        """Open the assembly under a shared lock, holding this part's own lock (one writer per
+        part at a time) with its marker removed; also the running hash when this part extends
+        it (claimed for this writer). Returns (assembly fd, part lock fd, running hash)."""
+        parts.mkdir(parents=True, exist_ok=True)
+        layout = f"{part_size} {blob_size}"
+        try:
+            known = (parts / _LAYOUT).read_text()
+        except FileNotFoundError:
+            tmp = parts / f".{_LAYOUT}.{uuid.uuid4().hex}"
+            tmp.write_text(layout)
+            os.replace(tmp, parts / _LAYOUT)
+            known = layout
+        if known != layout:
+            raise InvalidRequest(f"the parts of {parts.name} were staged as {known}-byte "
+                                 f"layout, not {layout}",
+                                 details={"layout": known, "requested": layout})
+        path = parts / _ASSEMBLY
+        for _ in range(8):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            lock = -1
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                if not _same_file(fd, path):     # completed or dropped meanwhile: reopen
+                    os.close(fd)
+                    continue
+                lock = os.open(parts / f"{_PART_LOCK}{part_number:06d}", os.O_RDWR | os.O_CREAT,
+                               0o644)
+                if not _flock_within(lock, fcntl.LOCK_EX, _PART_WAIT_S):
+                    raise Conflict(f"part {part_number} of blob {parts.name} is still arriving "
+                                   "in another request", details={"sha256": parts.name,
+                                                                  "part": part_number})
+                if os.fstat(fd).st_size != blob_size:
+                    os.ftruncate(fd, blob_size)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(parts / _marker(part_number))
+            except BaseException:
+                _close_all(fd, *([lock] if lock >= 0 else []))
+                raise
+            return fd, lock, self._claim_prefix(parts, part_number * part_size)
+        raise Conflict(f"the assembly of blob {parts.name} keeps being replaced",
+                       details={"sha256": parts.name})
+
+    def _seal_slot(self, fd: int, parts: Path, part_number: int, prefix: _Prefix | None,
+                   part_size: int, blob_size: int) -> None:
+        """Flush the part's bytes, then mark it received; extend the running hash over this
+        part and the received parts after it."""
+        if self.fsync:
+            os.fdatasync(fd)
+        if not _same_file(fd, parts / _ASSEMBLY):
+            raise Conflict(f"the staged parts of blob {parts.name} were dropped while part "
+                           f"{part_number} arrived; send it again",
+                           details={"sha256": parts.name, "part": part_number})
+        token = secrets.token_hex(8)
+        (parts / _marker(part_number)).write_text(token)
+        if prefix is not None:
+            self._extend_prefix(parts, prefix, part_number, token,
+                                part_length(part_number, part_size, blob_size))
+        self._catch_up(parts, part_size, blob_size)
+
+    # --- the running hash of the received prefix (threads; under _prefix_lock) -------------
+
+    def _claim_prefix(self, parts: Path, offset: int) -> _Prefix | None:
+        with self._prefix_lock:
+            prefix = self._prefixes.get(parts)
+            if prefix is not None and offset < prefix.end:   # a hashed part is being rewritten
+                del self._prefixes[parts]
+                prefix = None
+            if prefix is None and offset == 0:
+                prefix = self._prefixes[parts] = _Prefix()
+            elif prefix is None or prefix.busy or offset != prefix.end:
+                return None
+            prefix.busy = True
+            return prefix
+
+    def _drop_prefix(self, parts: Path, prefix: _Prefix) -> None:
+        with self._prefix_lock:
+            if self._prefixes.get(parts) is prefix:
+                del self._prefixes[parts]
+
+    def _extend_prefix(self, parts: Path, prefix: _Prefix, part_number: int, token: str,
+                       length: int) -> None:
+        with self._prefix_lock:
+            prefix.end += length
+            prefix.tokens[part_number] = token
+            prefix.busy = False
+
+    def _catch_up(self, parts: Path, part_size: int, blob_size: int) -> None:
+        """Hash the received parts that directly follow the prefix, from the page cache."""
+        with self._prefix_lock:
+            prefix = self._prefixes.get(parts)
+        if prefix is None:
+            return
+        fd = -1
+        try:
+            while prefix.end < blob_size:
+                k = prefix.end // part_size
+                token = _read_token(parts, k)
+                with self._prefix_lock:
+                    if (token is None or prefix.busy or self._prefixes.get(parts) is not prefix
+                            or prefix.end != k * part_size):
+                        return
+                    prefix.busy = True
+                if fd < 0:
+                    fd = os.open(parts / _ASSEMBLY, os.O_RDONLY)
+                hasher = prefix.hasher.copy()
+                length = part_length(k, part_size, blob_size)
+                pos, stop = k * part_size, k * part_size + length
+                while pos < stop:
+                    data = os.pread(fd, min(_HASH_BLOCK, stop - pos), pos)
+                    if not data:
+                        break
+                    hasher.update(data)
+                    pos += len(data)
+                with self._prefix_lock:
+                    prefix.busy = False
+                    if (pos != stop or _read_token(parts, k) != token
+                            or self._prefixes.get(parts) is not prefix):
+                        return     # rewritten or dropped meanwhile: completing hashes it
+                    prefix.hasher, prefix.end = hasher, stop
+                    prefix.tokens[k] = token
+        except OSError:
+            return
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
     async def list_parts(self, upload_key: str, sha256: str) -> list[int]:
         parts = self._parts_dir(upload_key, sha256)
 
-        def listing() -> list[int]:
-            try:
-                names = os.listdir(parts)
-            except FileNotFoundError:
-                return []
-            return sorted(int(n) for n in names if n.isdigit())
-        return await asyncio.to_thread(listing)
+        return await asyncio.to_thread(self._listing, parts)
+
+    @staticmethod
+    def _listing(parts: Path) -> list[int]:
+        try:
+            names = os.listdir(parts)
+        except FileNotFoundError:
+            return []
+        if _LAYOUT in names:
+            return sorted(int(n[len(_DONE):]) for n in names
+                          if n.startswith(_DONE) and n[len(_DONE):].isdigit())
+        return sorted(int(n) for n in names if n.isdigit())
 
     async def complete_parts(self, upload_key: str, sha256: str, part_count: int,
                              expected_size: int) -> tuple[str, int]:
@@ -236,6 +537,15 @@ class LocalBlobStore:
         if missing:
             raise InvalidRequest(f"blob {sha256} is missing {len(missing)} part(s)",
                                  details={"sha256": sha256, "missing_parts": missing})
+        if await asyncio.to_thread((parts / _LAYOUT).is_file):
+            try:
+                await asyncio.to_thread(self._publish_assembly, parts, sha256, part_count,
+                                        expected_size)
+            except (ChecksumMismatch, InvalidRequest):
+                await self.abort_parts(upload_key, sha256)
+                raise
+            await self.abort_parts(upload_key, sha256)
+            return sha256, expected_size
 
         def assemble() -> str:
             tmp = self._new_tmp()
@@ -271,11 +581,59 @@ class LocalBlobStore:
         await self.abort_parts(upload_key, sha256)
         return sha256, expected_size
 
+    def _publish_assembly(self, parts: Path, sha256: str, part_count: int,
+                          expected_size: int) -> None:
+        """Hash the assembly under an exclusive lock (no part writer in between) and rename it
+        into place."""
+        part_size, blob_size = (int(x) for x in (parts / _LAYOUT).read_text().split())
+        if blob_size != expected_size or max(1, -(-blob_size // part_size)) != part_count:
+            raise InvalidRequest(
+                f"the parts of {sha256} were staged for {blob_size} bytes in {part_size}-byte "
+                f"parts, not {expected_size} bytes in {part_count} part(s)",
+                details={"sha256": sha256, "blob_size": blob_size, "part_size": part_size,
+                         "expected_size": expected_size, "part_count": part_count})
+        path = parts / _ASSEMBLY
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if not _flock_within(fd, fcntl.LOCK_EX, 2.0):
+                raise Conflict(f"parts of blob {sha256} are still arriving",
+                               details={"sha256": sha256})
+            have = set(self._listing(parts)) if _same_file(fd, path) else set()
+            missing = [k for k in range(part_count) if k not in have]
+            if missing:       # a part was being re-sent, or the parts were dropped, meanwhile
+                raise Conflict(f"blob {sha256} is missing {len(missing)} part(s)",
+                               details={"sha256": sha256, "missing_parts": missing})
+            h, size = self._hashed_prefix(parts)
+            buf = bytearray(_HASH_BLOCK)
+            view = memoryview(buf)
+            while n := os.preadv(fd, [buf], size):
+                h.update(view[:n])
+                size += n
+            _verify(h.hexdigest(), size, sha256, expected_size)
+            if self.fsync:
+                os.fsync(fd)
+            self._publish(path, sha256)
+        finally:
+            os.close(fd)
+
+    def _hashed_prefix(self, parts: Path) -> tuple[hashlib._Hash, int]:
+        """The running hash, if every part it covers is still the one it hashed (markers
+        unchanged); else a fresh hash from byte 0. Call under the exclusive lock."""
+        with self._prefix_lock:
+            prefix = self._prefixes.pop(parts, None)
+        if (prefix is not None and not prefix.busy
+                and all(_read_token(parts, k) == t for k, t in prefix.tokens.items())):
+            return prefix.hasher, prefix.end
+        return hashlib.sha256(), 0
+
     async def abort_parts(self, upload_key: str, sha256: str | None = None) -> None:
         target = (self._parts_dir(upload_key, sha256) if sha256 is not None
                   else self._uploads / check_upload_key(upload_key))
 
         def remove() -> None:
+            with self._prefix_lock:
+                for key in [k for k in self._prefixes if k == target or target in k.parents]:
+                    del self._prefixes[key]
             shutil.rmtree(target, ignore_errors=True)
             if sha256 is not None:
                 with contextlib.suppress(OSError):
