@@ -1,0 +1,382 @@
+"""LoRA adapters in the engine: validation, host preparation, GPU slots and batched deltas.
+
+Tiers: a :class:`PreparedAdapter` lives in host memory (pinned on CUDA) in the engine's layout;
+:class:`LoraSlots` holds ``max_slots`` adapters on the device in stacked buffers allocated once;
+a :class:`LoraContext` is built once per step from the slot index of every token and adds
+``scale_i · B_i (A_i x)`` to each target projection with no Python loop over adapters.
+
+Layout per module: ``a[layer]`` is ``[slots, max_rank, d_in]`` (A as stored by PEFT) and
+``b[layer]`` is ``[slots, max_rank, d_out]`` (``scale · Bᵀ``), so the first ``r`` rank rows of a
+slot are contiguous and rows past an adapter's rank are zero. Slots are grouped by their rank
+rounded up to a power of two; each group runs only its own rank's work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from quiver.errors import (IncompatibleAdapter, InvalidAdapter, Overloaded,
+                           UnsafeFile, UnservableAdapter)
+from quiver.backend.engine.model import TARGET_MODULES, ModelArgs
+
+__all__ = ["PreparedAdapter", "LoraSlots", "LoraContext", "prepare_adapter", "load_adapter_dir",
+           "lora_reference", "rank_bucket"]
+
+_TENSOR_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+    r"lora_(A|B)(?:\.[\w-]+)?\.weight$")
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter validated against the base model and laid out for the slots (host memory)."""
+
+    rank: int                      # largest rank over its modules
+    modules: tuple[str, ...]       # target modules it touches
+    # (layer, module) → (A [r, d_in], scale·Bᵀ [r, d_out])
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    scales: dict[str, float]       # module name → scale
+    use_rslora: bool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for a, b in self.weights.values())
+
+
+def rank_bucket(rank: int, max_rank: int) -> int:
+    """The rank a slot computes with: ``rank`` rounded up to a power of two (at least 4)."""
+    return min(max_rank, 1 << max(2, math.ceil(math.log2(max(rank, 1)))))
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str) -> Any:
+    if module_name in patterns:
+        return patterns[module_name]
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return None
+
+
+def prepare_adapter(adapter_config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    args: ModelArgs, max_rank: int, dtype: torch.dtype,
+                    pin: bool = False) -> PreparedAdapter:
+    """Validate a PEFT LoRA adapter against ``args`` and convert it to the slot layout.
+
+    Collects every problem before raising: :class:`UnservableAdapter` when any feature is
+    one this engine cannot serve (DoRA, biases, modules_to_save, embedding LoRA, untargetable
+    modules, rank above ``max_rank``), else :class:`IncompatibleAdapter` for shape or layer
+    mismatches with the base model. ``details`` lists every reason.
+    """
+    if not isinstance(adapter_config, dict):
+        raise InvalidAdapter("adapter_config must be a JSON object")
+    unservable: list[dict[str, Any]] = []
+    incompatible: list[dict[str, Any]] = []
+    cfg = adapter_config
+
+    def refuse(field: str, problem: str, **extra: Any) -> None:
+        unservable.append({"field": field, "problem": problem, **extra})
+
+    if cfg.get("peft_type", "LORA") != "LORA":
+        refuse("peft_type", f"only LORA adapters are served, not {cfg.get('peft_type')!r}")
+    if cfg.get("use_dora"):
+        refuse("use_dora", "DoRA adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        refuse("bias", f"bias={cfg.get('bias')!r} trains base biases; only 'none' is supported")
+    if cfg.get("lora_bias"):
+        refuse("lora_bias", "LoRA B biases are not supported")
+    if cfg.get("modules_to_save"):
+        refuse("modules_to_save", "adapters with fully trained modules are not supported",
+               found=list(cfg["modules_to_save"]))
+    if cfg.get("fan_in_fan_out"):
+        refuse("fan_in_fan_out", "fan_in_fan_out (Conv1D) layouts are not supported")
+    for key in ("layer_replication", "trainable_token_indices", "target_parameters"):
+        if cfg.get(key):
+            refuse(key, f"{key} is not supported")
+
+    dims = args.module_dims()
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if "lora_magnitude_vector" in name:
+            if not cfg.get("use_dora"):
+                refuse("use_dora", "DoRA magnitude vectors present", tensor=name)
+            continue
+        if "lora_embedding_" in name:
+            refuse("target_modules", "embedding LoRA is not supported", tensor=name)
+            continue
+        if ".lora_" not in name:
+            refuse("modules_to_save", "non-LoRA weights (fully trained modules) present",
+                   tensor=name)
+            continue
+        m = _TENSOR_RE.match(name)
+        if m is None:
+            if re.search(r"lora_[AB](\.[\w-]+)?\.bias$", name):
+                refuse("lora_bias", "LoRA B biases are not supported", tensor=name)
+            else:
+                module = name.split(".lora_")[0].rsplit(".", 1)[-1]
+                refuse("target_modules", f"module {module!r} cannot carry LoRA here; "
+                       f"supported: {', '.join(TARGET_MODULES)}", tensor=name)
+            continue
+        layer, _, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        if module not in dims:
+            refuse("target_modules", f"module {module!r} cannot carry LoRA here; supported: "
+                   f"{', '.join(TARGET_MODULES)}", tensor=name)
+            continue
+        if layer >= args.num_layers:
+            incompatible.append({"tensor": name, "expected": f"layer < {args.num_layers}",
+                                 "found": layer, "problem": "layer index out of range"})
+            continue
+        pairs.setdefault((layer, module), {})[which] = t
+
+    use_rslora = bool(cfg.get("use_rslora"))
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    scales: dict[str, float] = {}
+    rank = 0
+    for (layer, module), ab in sorted(pairs.items()):
+        where = f"layers.{layer}.{module}"
+        if set(ab) != {"A", "B"}:
+            incompatible.append({"module": where, "expected": "lora_A and lora_B",
+                                 "found": sorted(ab), "problem": "unpaired LoRA weights"})
+            continue
+        a, b = ab["A"], ab["B"]
+        d_in, d_out = dims[module]
+        r = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or a.shape[1] != d_in:
+            incompatible.append({"module": where, "expected": f"lora_A [r, {d_in}]",
+                                 "found": list(a.shape), "problem": "lora_A shape mismatch"})
+            continue
+        if b.dim() != 2 or tuple(b.shape) != (d_out, r):
+            incompatible.append({"module": where, "expected": f"lora_B [{d_out}, {r}]",
+                                 "found": list(b.shape), "problem": "lora_B shape mismatch"})
+            continue
+        if r > max_rank:
+            refuse("r", f"rank {r} exceeds this engine's max_rank {max_rank}", module=where)
+            continue
+        section = "self_attn" if module in TARGET_MODULES[:4] else "mlp"
+        full = f"model.layers.{layer}.{section}.{module}"
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, full)
+        alpha = float(cfg.get("lora_alpha", r) if alpha is None else alpha)
+        scale = alpha / (math.sqrt(r) if use_rslora else r)
+        scales[module] = scale
+        bt = (b.float().t() * scale).to(dtype).contiguous()
+        a = a.to(dtype).contiguous()
+        if pin:
+            a, bt = a.pin_memory(), bt.pin_memory()
+        weights[(layer, module)] = (a, bt)
+        rank = max(rank, r)
+    if unservable:
+        reasons = "; ".join(u["problem"] for u in unservable)
+        raise UnservableAdapter(f"this engine cannot serve the adapter: {reasons}",
+                                details=unservable + incompatible)
+    if incompatible:
+        raise IncompatibleAdapter(f"adapter does not fit the base model ({len(incompatible)} "
+                                  f"problems)", details=incompatible)
+    if not weights:
+        raise InvalidAdapter("adapter holds no LoRA weights")
+    modules = tuple(m for m in TARGET_MODULES if m in {k[1] for k in weights})
+    return PreparedAdapter(rank=rank, modules=modules, weights=weights, scales=scales,
+                           use_rslora=use_rslora)
+
+
+def load_adapter_dir(path: Path | str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, st_path = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_path.is_file():
+        raise InvalidAdapter(f"{path} has no adapter_config.json")
+    if not st_path.is_file():
+        if (path / "adapter_model.bin").exists():
+            raise UnsafeFile(f"{path} holds only a pickled adapter_model.bin; safetensors "
+                             "is required")
+        raise InvalidAdapter(f"{path} has no adapter_model.safetensors")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidAdapter(f"adapter_config.json is not valid JSON: {exc}") from exc
+    try:
+        tensors = load_file(str(st_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InvalidAdapter(f"adapter_model.safetensors cannot be read: {exc}") from exc
+    return config, tensors
+
+
+class LoraSlots:
+    """``max_slots`` adapters resident on the device in buffers allocated once."""
+
+    def __init__(self, args: ModelArgs, num_slots: int, max_rank: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.args, self.num_slots, self.max_rank = args, num_slots, max_rank
+        self.device, self.dtype = device, dtype
+        nl = args.num_layers
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        for m, (d_in, d_out) in args.module_dims().items():
+            self.a[m] = torch.zeros(nl, num_slots, max_rank, d_in, device=device, dtype=dtype)
+            self.b[m] = torch.zeros(nl, num_slots, max_rank, d_out, device=device, dtype=dtype)
+        self.slot_rank = torch.zeros(num_slots, dtype=torch.long)      # bucketed rank, 0 = empty
+        self.module_users = dict.fromkeys(TARGET_MODULES, 0)
+        self.loaded: dict[str, int] = {}
+        self._modules: dict[int, tuple[str, ...]] = {}
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def load(self, key: str, prepared: PreparedAdapter) -> int:
+        if key in self.loaded:
+            return self.loaded[key]
+        if prepared.rank > self.max_rank:
+            raise UnservableAdapter(f"rank {prepared.rank} exceeds max_rank {self.max_rank}")
+        if not self._free:
+            raise Overloaded(f"all {self.num_slots} adapter slots are in use",
+                             details={"slots": self.num_slots})
+        slot = self._free.pop()
+        for m in TARGET_MODULES:
+            self.a[m][:, slot].zero_()
+            self.b[m][:, slot].zero_()
+        for (layer, m), (a, bt) in prepared.weights.items():
+            r = a.shape[0]
+            self.a[m][layer, slot, :r].copy_(a, non_blocking=True)
+            self.b[m][layer, slot, :r].copy_(bt, non_blocking=True)
+        self.slot_rank[slot] = rank_bucket(prepared.rank, self.max_rank)
+        for m in prepared.modules:
+            self.module_users[m] += 1
+        self._modules[slot] = prepared.modules
+        self.loaded[key] = slot
+        return slot
+
+    def unload(self, key: str) -> None:
+        slot = self.loaded.pop(key, None)
+        if slot is None:
+            return
+        for m in self._modules.pop(slot):
+            self.module_users[m] -= 1
+        self.slot_rank[slot] = 0
+        self._free.append(slot)
+
+
+@dataclass
+class _Group:
+    rank: int
+    rows: torch.Tensor     # [Tg] long: rows of the flat batch, sorted by slot
+    slots: torch.Tensor    # [Tg] long: slot of each row
+    offs: torch.Tensor     # [num_slots] int32: cumulative row counts per slot
+    seg_start: torch.Tensor  # [S] int32: first row of each non-empty segment (in rows order)
+    seg_len: torch.Tensor    # [S] int32
+    seg_slot: torch.Tensor   # [S] int32
+    max_seg: int
+    span: slice | None       # the rows as a slice when they are one contiguous run
+
+
+class LoraContext:
+    """One step's LoRA work: token rows grouped by slot rank, shared by every layer."""
+
+    def __init__(self, slots: LoraSlots, token_slots: torch.Tensor, decode_only: bool,
+                 use_kernels: bool):
+        """``token_slots`` is ``[T]`` long on the CPU: the slot of each token, -1 for none."""
+        self.slots, self.decode_only, self.use_kernels = slots, decode_only, use_kernels
+        dev = slots.device
+        order = torch.argsort(token_slots, stable=True)
+        sorted_slots = token_slots[order]
+        keep = sorted_slots >= 0
+        order, sorted_slots = order[keep], sorted_slots[keep]
+        ranks = slots.slot_rank[sorted_slots]
+        self.groups: list[_Group] = []
+        for r in ranks.unique().tolist():
+            sel = ranks == r
+            g_slots = sorted_slots[sel]
+            counts = torch.bincount(g_slots, minlength=slots.num_slots)
+            seg_slot = torch.nonzero(counts).flatten()
+            seg_len = counts[seg_slot]
+            seg_start = torch.cumsum(seg_len, 0) - seg_len
+            rows = order[sel]
+            first, n = int(rows[0]), rows.numel()
+            span = None
+            if int(rows[-1]) - first == n - 1 and bool((rows[1:] > rows[:-1]).all()):
+                span = slice(first, first + n)
+            self.groups.append(_Group(
+                rank=int(r), rows=rows.to(dev), slots=g_slots.to(dev), span=span,
+                offs=counts.cumsum(0).to(torch.int32).to(dev),
+                seg_start=seg_start.to(torch.int32).to(dev),
+                seg_len=seg_len.to(torch.int32).to(dev),
+                seg_slot=seg_slot.to(torch.int32).to(dev), max_seg=int(seg_len.max())))
+
+    @classmethod
+    def build(cls, slots: LoraSlots, token_slots: torch.Tensor, decode_only: bool = False,
+              use_kernels: bool = False) -> LoraContext | None:
+        """The step's context, or ``None`` when no token uses an adapter."""
+        if not bool((token_slots >= 0).any()):
+            return None
+        return cls(slots, token_slots, decode_only, use_kernels)
+
+    def _delta(self, g: _Group, xg: torch.Tensor, a: torch.Tensor,
+               b: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels:
+            from quiver.backend.engine import kernels
+
+            if self.decode_only:
+                h = kernels.bgmv_shrink(xg, a, g.slots, g.rank)
+                return kernels.bgmv_expand(h, b, g.slots, g.rank)
+            h = kernels.sgmv_shrink(xg, a, g.seg_start, g.seg_len, g.seg_slot, g.rank, g.max_seg)
+            return kernels.sgmv_expand(h, b, g.seg_start, g.seg_len, g.seg_slot, g.rank,
+                                       g.max_seg)
+        h = F.grouped_mm(xg, a[:, :g.rank].transpose(1, 2), offs=g.offs)
+        return F.grouped_mm(h, b[:, :g.rank], offs=g.offs)
+
+    def _apply(self, layer: int, x: torch.Tensor, y: torch.Tensor,
+               parts: list[tuple[str, int, int]]) -> None:
+        parts = [p for p in parts if self.slots.module_users[p[0]]]
+        if not parts:
+            return
+        for g in self.groups:
+            xg = x[g.span] if g.span is not None else x.index_select(0, g.rows)
+            for module, off, size in parts:
+                dy = self._delta(g, xg, self.slots.a[module][layer], self.slots.b[module][layer])
+                if g.span is not None:
+                    y[g.span, off:off + size] += dy
+                else:
+                    y[:, off:off + size].index_add_(0, g.rows, dy.to(y.dtype))
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``y[t] += scale·B_s(A_s x[t])`` for every token ``t`` whose slot ``s`` is set."""
+        self._apply(layer, x, y, [(module, 0, y.shape[1])])
+
+    def apply_qkv(self, layer: int, x: torch.Tensor, qkv: torch.Tensor) -> None:
+        a = self.slots.args
+        self._apply(layer, x, qkv, [("q_proj", 0, a.q_size), ("k_proj", a.q_size, a.kv_size),
+                                    ("v_proj", a.q_size + a.kv_size, a.kv_size)])
+
+    def apply_gate_up(self, layer: int, x: torch.Tensor, gate_up: torch.Tensor) -> None:
+        i = self.slots.args.intermediate_size
+        self._apply(layer, x, gate_up, [("gate_proj", 0, i), ("up_proj", i, i)])
+
+
+def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor,
+                   ranks: torch.Tensor) -> torch.Tensor:
+    """The plain-torch meaning of every LoRA path, computed in fp32.
+
+    x: [T, d_in]; a: [N, R, d_in]; b: [N, R, d_out] (scale·Bᵀ); token_slots: [T] long (-1: no
+    adapter); ranks: [N] long. Returns ``[T, d_out]`` with row ``t`` equal to
+    ``x[t] @ a[s, :r].T @ b[s, :r]`` for ``s = token_slots[t]``, ``r = ranks[s]``, else 0.
+    """
+    s = token_slots.clamp(min=0)
+    rank_rows = torch.arange(a.shape[1], device=a.device)
+    keep = (rank_rows[None, :] < ranks[s][:, None]) & (token_slots[:, None] >= 0)  # [T, R]
+    h = torch.einsum("ti,tri->tr", x.float(), a[s].float()) * keep
+    return torch.einsum("tr,tro->to", h, b[s].float())
