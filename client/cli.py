@@ -459,14 +459,19 @@ def export_hf(ref: str, out: Path = typer.Option(..., "--out", "-o"),
 
 @command(name="up")
 def up(data_dir: Path = typer.Option(Path(".quiver"), "--data-dir"),
-       port: int = typer.Option(0, "--port", help="0 picks a free port."),
+       port: int = typer.Option(0, "--port", help="Gateway port; 0: 8080 plus the offset."),
        host: str = typer.Option("127.0.0.1", "--host"),
-       once: bool = typer.Option(False, "--once", help="Exit after the round trip."),
+       once: bool = typer.Option(False, "--once", help="Exit after the demo table."),
+       port_offset: int = typer.Option(0, "--port-offset",
+                                       help="Add this to every default port."),
+       demo_dir: Optional[Path] = typer.Option(None, "--demo-dir",
+                                               help="A demo built by quiver.backend.demo.build."),
        as_json: bool = JsonOpt) -> None:
-    """Start a local registry, push and pull a tiny adapter, keep serving until Ctrl-C."""
+    """Start registry, backend, router and gateway; route the demo prompts; serve until Ctrl-C."""
     from quiver.client.up import run_up
 
-    run_up(data_dir=data_dir, host=host, port=port, once=once, as_json=as_json)
+    run_up(data_dir=data_dir, host=host, port=port, once=once, as_json=as_json,
+           port_offset=port_offset, demo_dir=demo_dir)
 
 
 def _size(n: int) -> str:

@@ -115,7 +115,7 @@ class Stack:
     def start(self, name: str, serve_args: Sequence[str], *, port: int | None = None,
               env: dict[str, str] | None = None, ready_path: str = "/health",
               timeout: float = 120.0, wait: bool = True) -> Component:
-        """Run ``quiver serve <serve_args> --host H --port P`` as ``name``; wait until it answers."""
+        """Run ``quiver serve <serve_args> --host H --port P`` as ``name``, then wait for it."""
         if name in self.components and self.components[name].alive:
             raise StackError(f"{name} is already running")
         port = port or free_port(self.host)
@@ -312,12 +312,10 @@ def push_demo_adapters(client: Any, demo: Any, *, alias: str = "prod",
             remote = None
         if remote is not None and all(remote.get(p) == d for p, d in local.items()):
             continue
-        examples = adapter.dir.parent / f".{adapter.name}.examples.txt"
-        examples.write_text("\n".join(adapter.examples) + "\n")
         info = client.push(adapter.dir, adapter.repo, base_model=demo.base_model,
-                           examples=examples, task_description=adapter.task_description,
+                           examples=list(adapter.examples),
+                           task_description=adapter.task_description,
                            description=adapter.task_description, aliases=[alias])
-        examples.unlink(missing_ok=True)
         pushed.append(info.ref)
         log(f"pushed {info.ref} ({len(adapter.examples)} example prompts)")
     return pushed
@@ -378,20 +376,31 @@ def format_table(rows: Sequence[DemoRow]) -> str:
 
 
 def start_demo_stack(data_dir: Path, *, host: str = "127.0.0.1", port_offset: int = 0,
-                     demo: Any = None, log: Callable[[str], None] = print) -> DemoStack:
-    """Start registry, backend, router and gateway on embedded defaults; push the demo."""
+                     demo: Any = None, gateway_port: int | None = None,
+                     log: Callable[[str], None] = print) -> DemoStack:
+    """Start registry, backend, router and gateway on embedded defaults; push the demo.
+
+    Ports are the defaults plus ``port_offset``, or free ones where those are taken.
+    """
     from quiver.backend.demo import demo_paths
     from quiver.client import Client
 
     data_dir = Path(data_dir).resolve()
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    demo = demo or demo_paths(data_dir / "demo")
+    if demo is None:
+        from quiver.backend.demo import ASSETS
+        from quiver.backend.demo.paths import MANIFEST
+
+        if not (ASSETS / MANIFEST).exists() and not (data_dir / "demo" / MANIFEST).exists():
+            log(f"building the demo model into {data_dir / 'demo'} (first run only; CPU minutes)")
+        demo = demo_paths(data_dir / "demo")
     timings["demo"] = time.monotonic() - t0
     taken: set[int] = set()
     ports = {}
     for name, default in DEFAULT_PORTS.items():
-        ports[name] = _pick_port(default + port_offset, host, taken)
+        wanted = gateway_port if name == "gateway" and gateway_port else default + port_offset
+        ports[name] = _pick_port(wanted, host, taken)
         taken.add(ports[name])
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # Embedded defaults: no Redis, database or S3 settings leak in from this shell.
@@ -401,9 +410,7 @@ def start_demo_stack(data_dir: Path, *, host: str = "127.0.0.1", port_offset: in
         admin = _admin_token(data_dir)
         registry = stack.start("registry", ["registry", "--data-dir", str(data_dir / "registry")],
                                port=ports["registry"], ready_path="/api/v1/health",
-                               env={"QUIVER_ADMIN_TOKEN": admin})
-        timings["registry_start"] = time.monotonic() - t
-        t = time.monotonic()
+                               env={"QUIVER_ADMIN_TOKEN": admin}, wait=False)
         stack.start("backend", ["backend", "--model", str(demo.base_dir), "--registry",
                                 registry.url, "--base-model-name", demo.base_model],
                     port=ports["backend"], ready_path="/ready", timeout=300,
@@ -413,18 +420,21 @@ def start_demo_stack(data_dir: Path, *, host: str = "127.0.0.1", port_offset: in
                              port=ports["router"], ready_path="/health", timeout=300,
                              env={"QUIVER_ARTIFACT_DIR": str(data_dir / "router"),
                                   "QUIVER_DEFAULT_BASE_MODEL": demo.base_model}, wait=False)
+        stack.wait_ready("registry", timeout=60)
+        timings["registry_start"] = time.monotonic() - t
         t_push = time.monotonic()
         with Client(registry.url, admin) as client:
             pushed = push_demo_adapters(client, demo, log=log)
         timings["push"] = time.monotonic() - t_push
-        stack.wait_ready("router", timeout=300)
-        stack.wait_ready("backend", timeout=300)
         stack.start("gateway", ["gateway", "--registry", registry.url, "--backend",
                                 stack.url("backend"), "--router", router.url],
-                    port=ports["gateway"], ready_path="/ready", timeout=120)
+                    port=ports["gateway"], ready_path="/ready", timeout=300, wait=False)
+        stack.wait_ready("router", timeout=300)
         with httpx.Client(timeout=300) as http:
             http.post(router.url + "/v1/routers/refresh").raise_for_status()
         stack.wait_ready("router", timeout=300, path="/ready")
+        stack.wait_ready("backend", timeout=300)
+        stack.wait_ready("gateway", timeout=120)
         timings["services_start"] = time.monotonic() - t
     except BaseException:
         stack.stop_all()
@@ -448,11 +458,26 @@ def _admin_token(data_dir: Path) -> str:
 
 
 def run_demo(data_dir: Path = Path(".quiver"), *, host: str = "127.0.0.1", port_offset: int = 0,
-             once: bool = False, as_json: bool = False, demo_dir: Path | None = None) -> int:
+             once: bool = False, as_json: bool = False, demo_dir: Path | None = None,
+             gateway_port: int | None = None) -> int:
     """``quiver up``: start everything, push the demo, route prompts, print the table; serve."""
+    log = (lambda msg: print(msg, file=sys.stderr)) if as_json else print
+    # Ctrl-C and SIGTERM both stop the children first, whatever this process inherited.
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run_demo(Path(data_dir), host=host, port_offset=port_offset, once=once,
+                         as_json=as_json, demo_dir=demo_dir, gateway_port=gateway_port, log=log)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_demo(data_dir: Path, *, host: str, port_offset: int, once: bool, as_json: bool,
+              demo_dir: Path | None, gateway_port: int | None, log: Callable[[str], None]) -> int:
     import json
 
-    log = (lambda msg: print(msg, file=sys.stderr)) if as_json else print
     t0 = time.monotonic()
     demo = None
     if demo_dir is not None:
@@ -460,7 +485,8 @@ def run_demo(data_dir: Path = Path(".quiver"), *, host: str = "127.0.0.1", port_
 
         demo = load_demo(Path(demo_dir))
     running = start_demo_stack(Path(data_dir), host=host, port_offset=port_offset, demo=demo,
-                               log=log)
+                               gateway_port=gateway_port, log=log)
+    shown = False
     try:
         rows = route_prompts(running.stack.url("gateway"), demo_prompts(running.demo))
         running.timings["total"] = time.monotonic() - t0
@@ -480,30 +506,34 @@ def run_demo(data_dir: Path = Path(".quiver"), *, host: str = "127.0.0.1", port_
             gw = urls["gateway"]
             print(f"\nTry: curl {gw}/v1/completions -H 'content-type: application/json' "
                   f"-d '{{\"model\": \"auto\", \"prompt\": \"SHOUT this: hello\\n\"}}'")
+        shown = True  # set before the flush: a reader may react to the output at once
+        sys.stdout.flush()
         if once:
             return 0
         if not as_json:
-            print("Serving; Ctrl-C stops every part.")
-        _wait_for_signal(running.stack)
+            print("Serving; Ctrl-C stops every part.", flush=True)
+        _serve_until_interrupted(running.stack)
         return 0
+    except KeyboardInterrupt:
+        if shown:
+            return 0  # once the table is out, Ctrl-C is the normal way to stop
+        raise
     finally:
         running.stack.stop_all()
 
 
-def _wait_for_signal(stack: Stack) -> None:
-    stop = {"now": False}
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
-    def handler(signum: int, frame: Any) -> None:
-        stop["now"] = True
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+def _serve_until_interrupted(stack: Stack) -> None:
+    """Watch the components until Ctrl-C or SIGTERM; a component that dies ends the wait."""
     try:
-        while not stop["now"]:
+        while True:
             stack.check_alive()
             time.sleep(0.5)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    except KeyboardInterrupt:
+        return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

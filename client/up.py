@@ -1,21 +1,21 @@
-"""``quiver up``: a local Quiver on embedded defaults, checked by a round trip.
+"""``quiver up``: the whole Quiver on one machine, on embedded defaults, with the demo routed.
 
-Starts the registry as a child process on a free port with its data under ``--data-dir``,
-registers a tiny Llama-shaped base model, builds a small LoRA adapter for it (numpy and
-safetensors only), pushes it, pulls it back through the verified cache, prints what happened,
-then exits (``--once``) or keeps the registry serving until Ctrl-C.
+:func:`run_up` starts the registry (SQLite, local blobs), a CPU backend serving the tiny demo
+model, the router and the gateway as child processes (see :mod:`quiver.client.stack`), pushes
+the demo adapters, routes a handful of prompts with ``model="auto"`` and prints a table; then
+keeps serving until Ctrl-C, or exits with ``--once``.
+
+The helpers kept here serve tests and benchmarks that need just a registry and a tiny adapter:
+:func:`start_registry` and :func:`write_demo_adapter` (numpy and safetensors only).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -97,59 +97,19 @@ def start_registry(data_dir: Path, host: str, port: int, admin_token: str | None
     raise RuntimeError(f"the registry did not answer on {url} within {timeout:.0f}s")
 
 
-def _interrupt(*_: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def run_up(*, data_dir: Path, host: str = "127.0.0.1", port: int = 0, once: bool = False,
-           as_json: bool = False) -> dict[str, Any]:
-    from quiver.client import Client
+           as_json: bool = False, port_offset: int = 0, demo_dir: Path | None = None) -> None:
+    """Run ``quiver up``; ``port`` (0: 8080 plus ``port_offset``, or a free one) is the gateway's.
 
-    data_dir = Path(data_dir).resolve()
-    token = secrets.token_urlsafe(24)
-    proc, url = start_registry(data_dir / "registry", host, port, admin_token=token)
-    report: dict[str, Any] = {"registry_url": url, "data_dir": str(data_dir),
-                              "admin_token": token}
-    say = (lambda msg: None) if as_json else print
+    Exits the process with code 1 when a component cannot start (its log tail is printed).
+    """
+    from quiver.client.stack import StackError, run_demo
+
     try:
-        say(f"registry listening on {url} (data in {data_dir / 'registry'})")
-        say(f"admin token for this run: {token}")
-        with Client(url, token, cache_dir=data_dir / "cache") as client, \
-                tempfile.TemporaryDirectory(prefix="quiver-up-") as tmp:
-            base = client.add_base_model(TINY_BASE_CONFIG, "quiver-demo/tiny-llama")
-            say(f"base model {base.name}: {base.architecture}, {base.num_layers} layers")
-            adapter = write_demo_adapter(Path(tmp) / "adapter")
-            t0 = time.perf_counter()
-            info = client.push(adapter, "demo/hello", base_model=base.name,
-                               description="a tiny demo adapter", aliases=["prod"],
-                               examples=["say hello", "greet the user"])
-            push_ms = (time.perf_counter() - t0) * 1000
-            say(f"pushed {info.ref} ({info.size_bytes} bytes, revision {info.revision[:12]}) "
-                f"in {push_ms:.0f} ms")
-            t0 = time.perf_counter()
-            path = client.pull("demo/hello@prod")
-            pull_ms = (time.perf_counter() - t0) * 1000
-            same = all((path / f.path).read_bytes() == (adapter / f.path).read_bytes()
-                       for f in info.files if (adapter / f.path).exists())
-            say(f"pulled demo/hello@prod into {path} in {pull_ms:.0f} ms; "
-                f"files identical: {same}")
-            report.update(base_model=base.name, pushed=info.ref, revision=info.revision,
-                          pulled_to=str(path), identical=same, push_ms=round(push_ms, 1),
-                          pull_ms=round(pull_ms, 1))
-        if as_json:
-            print(json.dumps(report))
-        if not once:
-            say("serving; Ctrl-C to stop")
-            signal.signal(signal.SIGTERM, _interrupt)
-            try:
-                proc.wait()
-            except KeyboardInterrupt:
-                pass
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    return report
+        code = run_demo(Path(data_dir), host=host, port_offset=port_offset, once=once,
+                        as_json=as_json, demo_dir=demo_dir, gateway_port=port or None)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if code:
+        raise SystemExit(code)

@@ -160,12 +160,3 @@ def test_console_script_starts_fast_without_torch():
     text = " ".join(r.stdout.split())
     assert r.returncode == 0 and "Exit codes" in text and "7 registry unavailable" in text
 
-
-def test_up_once_round_trip(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "quiver.client.cli", "up", "--once", "--json",
-                        "--data-dir", str(tmp_path / "q")],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout.strip().splitlines()[-1])
-    assert report["pushed"] == "demo/hello/1" and report["identical"] is True
-    assert (tmp_path / "q" / "registry").is_dir()
