@@ -7,8 +7,12 @@ a :class:`LoraContext` is built once per step from the slot index of every token
 
 Layout per module: ``a[layer]`` is ``[slots, max_rank, d_in]`` (A as stored by PEFT) and
 ``b[layer]`` is ``[slots, max_rank, d_out]`` (``scale · Bᵀ``), so the first ``r`` rank rows of a
-slot are contiguous and rows past an adapter's rank are zero. Slots are grouped by their rank
-rounded up to a power of two; each group runs only its own rank's work.
+slot are contiguous and rows past an adapter's rank are zero. q/k/v (and gate/up), which read
+the same input, keep their A in one buffer ``[slots, max_rank, n, d_in]``, so on the CPU one
+matmul shrinks all of them. Slots are grouped by their rank rounded up to a power of two; each
+group runs only its own rank's work. A group whose slots form a consecutive run with the same
+number of tokens each (a decode step whose requests spread evenly over many adapters) runs as
+one ``bmm`` over the slot buffers, with no copy of the weights and no per-adapter dispatch.
 """
 
 from __future__ import annotations
@@ -50,6 +54,15 @@ class PreparedAdapter:
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
                    for a, b in self.weights.values())
+
+
+# Target modules that read the same input, shrunk by one matmul per rank group.
+FUSED_GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"),
+                                            "gate_up": ("gate_proj", "up_proj")}
+
+
+def _in_fused_group(module: str) -> bool:
+    return any(module in group for group in FUSED_GROUPS.values())
 
 
 def rank_bucket(rank: int, max_rank: int) -> int:
@@ -219,11 +232,26 @@ class LoraSlots:
         self.args, self.num_slots, self.max_rank = args, num_slots, max_rank
         self.device, self.dtype = device, dtype
         nl = args.num_layers
+        dims = args.module_dims()
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
-        for m, (d_in, d_out) in args.module_dims().items():
-            self.a[m] = torch.zeros(nl, num_slots, max_rank, d_in, device=device, dtype=dtype)
+        # Modules that read the same input share one A buffer ``[layers, slots, max_rank,
+        # n, d_in]``, so a single matmul shrinks them together; ``a[m]`` is module m's view.
+        self.fused_a: dict[str, torch.Tensor] = {}
+        for name, group in FUSED_GROUPS.items():
+            fused = torch.zeros(nl, num_slots, max_rank, len(group), dims[group[0]][0],
+                                device=device, dtype=dtype)
+            self.fused_a[name] = fused
+            for j, m in enumerate(group):
+                self.a[m] = fused[:, :, :, j]
+        for m, (d_in, d_out) in dims.items():
+            if m not in self.a:
+                self.a[m] = torch.zeros(nl, num_slots, max_rank, d_in, device=device,
+                                        dtype=dtype)
             self.b[m] = torch.zeros(nl, num_slots, max_rank, d_out, device=device, dtype=dtype)
+        self._buffers = [*self.fused_a.values(),
+                         *(t for m, t in self.a.items() if not _in_fused_group(m)),
+                         *self.b.values()]
         self.slot_rank = torch.zeros(num_slots, dtype=torch.long)      # bucketed rank, 0 = empty
         self.module_users = dict.fromkeys(TARGET_MODULES, 0)
         self.loaded: dict[str, int] = {}
@@ -232,7 +260,7 @@ class LoraSlots:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
+        return sum(t.numel() * t.element_size() for t in self._buffers)
 
     @property
     def free(self) -> int:
@@ -282,6 +310,18 @@ class _Group:
     seg_slot: torch.Tensor   # [S] int32
     max_seg: int
     span: slice | None       # the rows as a slice when they are one contiguous run
+    # When every slot of the group has the same number k of tokens and the slots are a
+    # consecutive run, that run: rows [i·k, (i+1)·k) use slot run.start + i, so a plain bmm
+    # over the slot buffers applies.
+    slot_run: slice | None = None
+
+
+def _consecutive(values: torch.Tensor) -> slice | None:
+    """``values`` as a slice when they are ``lo, lo+1, ..., hi-1``, else ``None``."""
+    lo, n = int(values[0]), values.numel()
+    if int(values[-1]) - lo != n - 1 or not bool((values[1:] > values[:-1]).all()):
+        return None
+    return slice(lo, lo + n)
 
 
 class LoraContext:
@@ -315,7 +355,9 @@ class LoraContext:
                 offs=counts.cumsum(0).to(torch.int32).to(dev),
                 seg_start=seg_start.to(torch.int32).to(dev),
                 seg_len=seg_len.to(torch.int32).to(dev),
-                seg_slot=seg_slot.to(torch.int32).to(dev), max_seg=int(seg_len.max())))
+                seg_slot=seg_slot.to(torch.int32).to(dev), max_seg=int(seg_len.max()),
+                slot_run=_consecutive(seg_slot) if bool((seg_len == seg_len[0]).all())
+                else None))
 
     @classmethod
     def build(cls, slots: LoraSlots, token_slots: torch.Tensor, decode_only: bool = False,
@@ -324,6 +366,14 @@ class LoraContext:
         if not bool((token_slots >= 0).any()):
             return None
         return cls(slots, token_slots, decode_only, use_kernels)
+
+    @staticmethod
+    def _mm(g: _Group, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Row ``t`` of ``x`` times its slot's matrix ``w[s]``, over a rank group."""
+        if g.slot_run is not None:
+            w = w[g.slot_run]
+            return torch.bmm(x.reshape(w.shape[0], -1, x.shape[1]), w).reshape(x.shape[0], -1)
+        return F.grouped_mm(x, w, offs=g.offs)
 
     def _delta(self, g: _Group, xg: torch.Tensor, a: torch.Tensor,
                b: torch.Tensor) -> torch.Tensor:
@@ -336,18 +386,32 @@ class LoraContext:
             h = kernels.sgmv_shrink(xg, a, g.seg_start, g.seg_len, g.seg_slot, g.rank, g.max_seg)
             return kernels.sgmv_expand(h, b, g.seg_start, g.seg_len, g.seg_slot, g.rank,
                                        g.max_seg)
-        h = F.grouped_mm(xg, a[:, :g.rank].transpose(1, 2), offs=g.offs)
-        return F.grouped_mm(h, b[:, :g.rank], offs=g.offs)
+        return self._mm(g, self._mm(g, xg, a[:, :g.rank].transpose(1, 2)), b[:, :g.rank])
+
+    def _fused_shrink(self, g: _Group, xg: torch.Tensor, fused: torch.Tensor,
+                      n: int) -> torch.Tensor:
+        """``[Tg, rank, n]``: the shrink of all ``n`` modules of a fused group at once."""
+        a = fused[:, :g.rank].reshape(fused.shape[0], g.rank * n, fused.shape[-1])
+        return self._mm(g, xg, a.transpose(1, 2)).view(-1, g.rank, n)
 
     def _apply(self, layer: int, x: torch.Tensor, y: torch.Tensor,
-               parts: list[tuple[str, int, int]]) -> None:
-        parts = [p for p in parts if self.slots.module_users[p[0]]]
-        if not parts:
+               parts: list[tuple[str, int, int]], fused: str | None = None) -> None:
+        active = [p for p in parts if self.slots.module_users[p[0]]]
+        if not active:
             return
+        fuse = fused is not None and not self.use_kernels and len(active) > 1
         for g in self.groups:
             xg = x[g.span] if g.span is not None else x.index_select(0, g.rows)
-            for module, off, size in parts:
-                dy = self._delta(g, xg, self.slots.a[module][layer], self.slots.b[module][layer])
+            h_all = (self._fused_shrink(g, xg, self.slots.fused_a[fused][layer], len(parts))
+                     if fuse else None)
+            for j, (module, off, size) in enumerate(parts):
+                if (module, off, size) not in active:
+                    continue
+                b = self.slots.b[module][layer]
+                if h_all is not None:
+                    dy = self._mm(g, h_all[:, :, j].contiguous(), b[:, :g.rank])
+                else:
+                    dy = self._delta(g, xg, self.slots.a[module][layer], b)
                 if g.span is not None:
                     y[g.span, off:off + size] += dy
                 else:
@@ -360,11 +424,11 @@ class LoraContext:
     def apply_qkv(self, layer: int, x: torch.Tensor, qkv: torch.Tensor) -> None:
         a = self.slots.args
         self._apply(layer, x, qkv, [("q_proj", 0, a.q_size), ("k_proj", a.q_size, a.kv_size),
-                                    ("v_proj", a.q_size + a.kv_size, a.kv_size)])
+                                    ("v_proj", a.q_size + a.kv_size, a.kv_size)], "qkv")
 
     def apply_gate_up(self, layer: int, x: torch.Tensor, gate_up: torch.Tensor) -> None:
         i = self.slots.args.intermediate_size
-        self._apply(layer, x, gate_up, [("gate_proj", 0, i), ("up_proj", i, i)])
+        self._apply(layer, x, gate_up, [("gate_proj", 0, i), ("up_proj", i, i)], "gate_up")
 
 
 def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor,

@@ -115,6 +115,30 @@ def test_cpu_grouped_path_matches_reference(ranks, mix, dtype):
     check_context(slots, true, token_slots, dtype, decode_only, use_kernels=False)
 
 
+@pytest.mark.parametrize("token_slots", [[0, 1, 2, 3], [1, 0], [0, 1, 3, -1], [3, 3, 0, 2, 1],
+                                         [1, 0, 1, 0, 2, 2]],
+                         ids=["distinct", "run-unsorted", "with-base", "repeated", "even-run"])
+def test_cpu_fused_qkv_and_gate_up_match_reference(token_slots):
+    """One shrink for q/k/v and one for gate/up (and the one-token-per-slot bmm) stay exact."""
+    if HAS_CUDA:
+        pytest.skip("the fused torch path is the CPU path")
+    args = odd_args()
+    slots, true = fill_slots(args, [16, 16, 4, 16], torch.float32)
+    ts = torch.tensor(token_slots)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(ts.numel(), args.hidden_size, generator=gen)
+    ctx = LoraContext.build(slots, ts)
+    for apply, modules in ((ctx.apply_qkv, ("q_proj", "k_proj", "v_proj")),
+                           (ctx.apply_gate_up, ("gate_proj", "up_proj"))):
+        refs = [lora_reference(x, slots.a[m][0], slots.b[m][0], ts, true) for m in modules]
+        base = torch.randn(ts.numel(), sum(r.shape[1] for r in refs), generator=gen)
+        y = base.clone()
+        apply(0, x, y)
+        want = base + torch.cat(refs, dim=1)
+        assert (y - want).abs().max().item() <= 2e-4 * max(1.0, want.abs().max().item())
+        assert torch.equal(y[ts < 0], base[ts < 0])
+
+
 @in_interpreter
 @pytest.mark.parametrize("ranks", RANK_SETS, ids=lambda r: "r" + "-".join(map(str, r)))
 @pytest.mark.parametrize("mix", ["decode-all-distinct", "decode-with-base", "prefill-segments"])
