@@ -16,14 +16,13 @@ from typing import Any, AsyncIterator
 
 import httpx
 
-from quiver import __version__
 from quiver.errors import ChecksumMismatch, RegistryUnavailable, UpstreamError
 from quiver.http import raise_for_status
 from quiver.refs import parse_ref, parse_repo
 from quiver.wire import BaseModelInfo, FileEntry, RepoInfo, VersionInfo
 
 from quiver.client._cache import Cache, hash_file, safe_relpath
-from quiver.client._client import tls_context, transport_error
+from quiver.client._client import http_options, resolve_settings, transport_error
 from quiver.client._download import blob_url
 from quiver.client.settings import ClientSettings
 
@@ -49,22 +48,11 @@ class AsyncClient:
                  cache_dir: str | Path | None = None, timeout: float | None = None,
                  settings: ClientSettings | None = None,
                  transport: httpx.AsyncBaseTransport | None = None):
-        overrides = {k: v for k, v in (("registry_url", url), ("token", token),
-                                       ("cache_dir", cache_dir), ("timeout", timeout))
-                     if v is not None}
-        base = settings or ClientSettings()
-        self.settings = base.model_copy(update=overrides) if overrides else base
+        self.settings = resolve_settings(settings, url=url, token=token, cache_dir=cache_dir,
+                                         timeout=timeout)
         self.url = self.settings.registry_url.rstrip("/")
         self.cache = Cache(self.settings.cache_path)
-        headers = {"User-Agent": f"quiver-client/{__version__}"}
-        if self.settings.token:
-            headers["Authorization"] = f"Bearer {self.settings.token}"
-        pool = self.settings.parallel_downloads + 4
-        self._http = httpx.AsyncClient(
-            base_url=self.url, headers=headers, follow_redirects=True, transport=transport,
-            verify=tls_context(),
-            timeout=httpx.Timeout(self.settings.timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
+        self._http = httpx.AsyncClient(transport=transport, **http_options(self.settings))
         self._limit = asyncio.Semaphore(self.settings.parallel_downloads)
         self._inflight: dict[str, asyncio.Future] = {}
 

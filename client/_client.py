@@ -22,7 +22,8 @@ from quiver.client._upload import collect_files, push_manifest, push_multipart
 from quiver.client.examples import read_examples
 from quiver.client.settings import ClientSettings
 
-__all__ = ["Client", "build_metadata", "load_base_config", "transport_error", "tls_context"]
+__all__ = ["Client", "build_metadata", "load_base_config", "transport_error", "tls_context",
+           "resolve_settings", "http_options"]
 
 
 def transport_error(exc: httpx.TransportError, url: str) -> Exception:
@@ -79,6 +80,26 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
+def resolve_settings(settings: ClientSettings | None, **overrides: Any) -> ClientSettings:
+    """``settings`` (or the environment's) with the explicit, non-None arguments applied."""
+    base = settings or ClientSettings()
+    given = {("registry_url" if k == "url" else k): v for k, v in overrides.items()
+             if v is not None}
+    return base.model_copy(update=given) if given else base
+
+
+def http_options(settings: ClientSettings) -> dict[str, Any]:
+    """Keyword arguments for the sync and async httpx clients of one registry."""
+    headers = {"User-Agent": f"quiver-client/{__version__}"}
+    if settings.token:
+        headers["Authorization"] = f"Bearer {settings.token}"
+    pool = settings.parallel_downloads + 4
+    return {"base_url": settings.registry_url.rstrip("/"), "headers": headers,
+            "follow_redirects": True, "verify": tls_context(),
+            "timeout": httpx.Timeout(settings.timeout, connect=10.0),
+            "limits": httpx.Limits(max_connections=pool, max_keepalive_connections=pool)}
+
+
 class Client:
     """Push, pull, inspect and manage adapter versions on a Quiver registry.
 
@@ -90,22 +111,11 @@ class Client:
                  cache_dir: str | Path | None = None, timeout: float | None = None,
                  settings: ClientSettings | None = None,
                  transport: httpx.BaseTransport | None = None):
-        overrides = {k: v for k, v in (("registry_url", url), ("token", token),
-                                       ("cache_dir", cache_dir), ("timeout", timeout))
-                     if v is not None}
-        base = settings or ClientSettings()
-        self.settings = base.model_copy(update=overrides) if overrides else base
+        self.settings = resolve_settings(settings, url=url, token=token, cache_dir=cache_dir,
+                                         timeout=timeout)
         self.url = self.settings.registry_url.rstrip("/")
         self.cache = Cache(self.settings.cache_path)
-        headers = {"User-Agent": f"quiver-client/{__version__}"}
-        if self.settings.token:
-            headers["Authorization"] = f"Bearer {self.settings.token}"
-        pool = self.settings.parallel_downloads + 4
-        self._http = httpx.Client(
-            base_url=self.url, headers=headers, follow_redirects=True, transport=transport,
-            verify=tls_context(),
-            timeout=httpx.Timeout(self.settings.timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool))
+        self._http = httpx.Client(transport=transport, **http_options(self.settings))
         self._downloader = Downloader(self._http, self.cache,
                                       parallel=self.settings.parallel_downloads,
                                       chunk=self.settings.part_size,

@@ -143,10 +143,14 @@ def _root(registry: Optional[str] = typer.Option(None, "--registry", "-r",
 # --- services ------------------------------------------------------------------------------------
 
 @serve_app.command("registry")
-def serve_registry(host: str = typer.Option("127.0.0.1", "--host"),
-                   port: int = typer.Option(8700, "--port"),
-                   data_dir: Path = typer.Option(Path(".quiver/registry"), "--data-dir")) -> None:
-    """Run the registry (SQLite and local blobs under --data-dir unless configured otherwise)."""
+def serve_registry(host: Optional[str] = typer.Option(None, "--host",
+                                                     help="Default: QUIVER_HOST or 127.0.0.1."),
+                   port: Optional[int] = typer.Option(None, "--port",
+                                                      help="Default: QUIVER_PORT or 8700."),
+                   data_dir: Optional[Path] = typer.Option(
+                       None, "--data-dir", help="Default: QUIVER_DATA_DIR or .quiver/registry.")
+                   ) -> None:
+    """Run the registry (SQLite and local blobs under the data dir unless configured otherwise)."""
     from quiver.registry.server import serve
 
     serve(host=host, port=port, data_dir=data_dir)

@@ -32,31 +32,16 @@ ADMIN_TOKEN = "admin-test-token-0123456789"
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A real registry (SQLite, local blobs, 64 KiB upload parts) served by uvicorn on loopback."""
-    import threading
-    import time
-
-    import uvicorn
-
     from quiver.registry.app import create_app
     from quiver.registry.settings import Settings
-    from tests.conftest import free_port
+    from tests.conftest import ServerThread
 
     data = tmp_path_factory.mktemp("registry")
     settings = Settings(data_dir=data, admin_token=ADMIN_TOKEN, anonymous_read=True,
                         part_size=64 * 1024)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the registry did not start")
-        time.sleep(0.02)
-    yield {"url": f"http://127.0.0.1:{port}", "token": ADMIN_TOKEN, "data_dir": data}
-    server.should_exit = True
-    thread.join(timeout=10)
+    server = ServerThread(create_app(settings))
+    yield {"url": server.url, "token": ADMIN_TOKEN, "data_dir": data}
+    server.stop()
 
 
 @pytest.fixture(scope="module")
