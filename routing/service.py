@@ -20,11 +20,12 @@ import numpy as np
 from quiver.errors import BaseModelNotFound, InvalidRequest, RoutingAbstained, Unavailable
 from quiver.logging import log_event
 from quiver.routing.batcher import MicroBatcher
-from quiver.routing.classifier import ClassifierConfig
+from quiver.routing.classifier import Classifier, ClassifierConfig
 from quiver.routing.data import LabelledExample, load_labelled, prompt_text
 from quiver.routing.encoder import Encoder
 from quiver.routing.settings import RouterSettings
-from quiver.routing.training import ExampleStore, Router, build_training_sets, train_router
+from quiver.routing.training import (ExampleStore, Router, TrainingSet, build_training_sets,
+                                     train_router)
 from quiver.wire import RouteCandidate, RouteDecision, VersionInfo
 
 __all__ = ["RouterService", "decide"]
@@ -184,9 +185,11 @@ class RouterService:
                         self.encoder.fingerprint, self.config):
                     fresh[base] = old
                     continue
-                router = await asyncio.to_thread(train_router, ts, self.encoder, self.store,
-                                                 config=self.config, previous=old, fast=True)
-                self._trained(router)
+                router = self._load_saved(ts)
+                if router is None:
+                    router = await asyncio.to_thread(train_router, ts, self.encoder, self.store,
+                                                     config=self.config, previous=old, fast=True)
+                    self._trained(router)
                 fresh[base] = router
                 if not router.exact:
                     inexact.append((router, ts))
@@ -231,17 +234,42 @@ class RouterService:
         """Ask the sync loop for a resync from the registry."""
         self._dirty.set()
 
+    def _artifact(self, base_model: str, version: str) -> Path | None:
+        if self.settings.artifact_dir is None:
+            return None
+        return Path(self.settings.artifact_dir) / base_model.replace("/", "--") / f"{version}.npz"
+
+    def _load_saved(self, ts: TrainingSet) -> Router | None:
+        """The router saved for exactly this training data, so a restart retrains nothing."""
+        version = ts.version(self.encoder.fingerprint, self.config)
+        path = self._artifact(ts.base_model, version)
+        if path is None or not path.exists():
+            return None
+        try:
+            clf = Classifier.from_bytes(path.read_bytes())
+        except (OSError, ValueError, KeyError) as exc:
+            log_event(_log, "router.artifact_unreadable", logging.WARNING, path=str(path),
+                      error=str(exc))
+            return None
+        if sorted(clf.labels) != sorted(c.ref for c in ts.candidates if c.texts):
+            return None
+        log_event(_log, "router.loaded", base_model=ts.base_model, version=version)
+        return Router(base_model=ts.base_model, version=version, classifier=clf,
+                      adapters=tuple(clf.labels),
+                      example_counts={c.ref: len(c.texts) for c in ts.candidates},
+                      skipped=ts.skipped, trained_at=path.stat().st_mtime, train_seconds=0.0,
+                      stats=dict(clf.stats), digests={c.ref: c.digest for c in ts.candidates})
+
     def _save(self, router: Router) -> None:
-        if self.settings.artifact_dir is None or router.classifier is None:
+        path = self._artifact(router.base_model, router.version)
+        if path is None or router.classifier is None:
             return
-        folder = Path(self.settings.artifact_dir) / router.base_model.replace("/", "--")
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{router.version}.npz"
-        if final.exists():
+        if path.exists():
             return
-        tmp = folder / f".{router.version}.{time.monotonic_ns()}.tmp"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{time.monotonic_ns()}.tmp")
         tmp.write_bytes(router.classifier.to_bytes())
-        tmp.replace(final)
+        tmp.replace(path)
 
     # --- routing ----------------------------------------------------------------------------------
 

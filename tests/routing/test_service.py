@@ -80,6 +80,34 @@ async def test_same_registry_state_same_router_version(hub, encoder, tmp_path):
         await b.close()
 
 
+async def test_a_restart_loads_the_saved_router_instead_of_retraining(hub, encoder, tmp_path,
+                                                                       monkeypatch):
+    hub.push("math", MATH)
+    hub.push("cooking", COOKING)
+    first = await _started(hub, encoder, artifact_dir=tmp_path / "artifacts")
+    trained = first.routers[BASE]
+    await first.close()
+
+    def no_encoding(texts):
+        raise AssertionError(f"re-encoded {len(texts)} training texts after a restart")
+
+    monkeypatch.setattr(encoder, "encode_uncached", no_encoding)
+    encoder.cache.clear()
+    again = await _started(hub, encoder, artifact_dir=tmp_path / "artifacts")
+    try:
+        loaded = again.routers[BASE]
+        assert loaded.version == trained.version and loaded.train_seconds == 0.0
+        assert sorted(loaded.adapters) == sorted(trained.adapters)
+    finally:
+        await again.close()
+    monkeypatch.undo()
+    d = await _started(hub, encoder, artifact_dir=tmp_path / "artifacts")
+    try:                       # the loaded router routes like the trained one
+        assert (await d.route(prompt="What is the square root of 144?")).adapter == "math/1"
+    finally:
+        await d.close()
+
+
 @pytest.mark.parametrize("policy", ["base", "default_adapter", "error"])
 async def test_abstention_and_fallback_policies(hub, encoder, policy):
     hub.push("math", MATH)
