@@ -55,7 +55,7 @@ _LIST_PAGE = 1000
 _ASSEMBLY = "assembly"
 _LAYOUT = "layout"
 _DONE = "done."
-_WRITE_BATCH = 4 << 20
+_WRITE_BATCH = 1 << 20
 """Bytes gathered from the request before one vectored write into the assembly."""
 _WRITE_BUFFERS = 512
 _HASH_BLOCK = 8 << 20
