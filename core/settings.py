@@ -18,7 +18,7 @@ __all__ = ["BaseQuiverSettings"]
 class BaseQuiverSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUIVER_", extra="ignore", validate_default=True)
 
-    log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "text"
-    # Shared event bus and state; in-process when unset.
+    log_level: str = "INFO"                         # DEBUG, INFO, WARNING, ERROR
+    log_format: Literal["json", "text"] = "text"    # json: one object per line, for collectors
+    # Shared event bus and state (heartbeats, rate limits); in-process when unset.
     redis_url: str | None = None
