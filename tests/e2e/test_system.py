@@ -151,6 +151,32 @@ def test_auto_requests_reach_the_adapter_that_answers(system):
     assert wrong <= checked // 6, f"{wrong} of {checked} answers differ from the expected ones"
 
 
+def test_openai_chat_and_streams_through_the_gateway_to_real_backends(system):
+    from quiver.backend.demo import render_prompt
+
+    stack, demo = system["stack"], system["demo"]
+    client = _openai(stack.url("gateway-2"))
+    adapter = demo.adapters[0]
+    prompt, expected = adapter.test_pairs[0]
+    model = f"{adapter.repo}@prod"
+
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=48,
+        temperature=0.0)
+    assert chat.choices[0].message.content.strip() == expected
+    assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > 0
+
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=48,
+        temperature=0.0, stream=True) if c.choices]
+    assert "".join(pieces).strip() == expected and len(pieces) > 1
+
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=model, prompt=render_prompt(prompt), max_tokens=48, temperature=0.0,
+        stream=True) if c.choices]
+    assert "".join(pieces).strip() == expected
+
+
 def test_base_model_prompt_is_not_sent_to_an_adapter(system):
     stack, demo = system["stack"], system["demo"]
     prompt, expected = next(((p, a) for p, a in demo.base_test_pairs
