@@ -101,6 +101,12 @@ class RouterService:
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self, *, watch: bool = True) -> None:
+        # The encoder's torch threads own the cores; numpy's BLAS pool competing with them
+        # made the classifier's similarity term 3-5x slower under load. Its matrices are
+        # small, so one BLAS thread is the fast choice.
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
         if self._client is None:
             from quiver.client import AsyncClient
 
