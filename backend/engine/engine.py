@@ -126,6 +126,8 @@ class Engine:
         width = -(-max_ctx // bs) * bs
         self._row_table = torch.zeros(config.max_running, width, dtype=torch.long,
                                       device=self.device)
+        self._block_table = torch.zeros(config.max_running, width // bs, dtype=torch.long,
+                                        device=self.device)
         self._arange = torch.arange(width, device=self.device)
         self._block_offsets = torch.arange(bs, device=self.device)
         self._free_rows = list(range(config.max_running - 1, -1, -1))
@@ -270,8 +272,9 @@ class Engine:
                 break
             self._waiting.pop()
             seq.blocks, seq.row = blocks, self._free_rows.pop()
-            rows = (torch.tensor(blocks, device=self.device)[:, None] * bs
-                    + self._block_offsets).flatten()
+            block_ids = torch.tensor(blocks, device=self.device)
+            self._block_table[seq.row, :len(blocks)].copy_(block_ids)
+            rows = (block_ids[:, None] * bs + self._block_offsets).flatten()
             self._row_table[seq.row, :rows.numel()].copy_(rows)
             seq.slot = self.slots.loaded[seq.adapter] if seq.adapter is not None else -1
             self._running[seq.request_id] = seq
@@ -367,8 +370,9 @@ class Engine:
                               num_decode=nd, prefills=prefills)
         if nd:
             ctx = positions[:nd] + 1
-            width = int(max(pos_list[:nd])) + 1
-            attn.decode_kv_index = self._row_table[seq_rows[:nd], :width]
+            n_blocks = self.kv.blocks_for(max(pos_list[:nd]) + 1)
+            width = n_blocks * self.kv.block_size
+            attn.decode_blocks = self._block_table[seq_rows[:nd], :n_blocks]
             attn.decode_mask = (self._arange[:width][None, :] < ctx[:, None])[:, None, None, :]
         lora = None
         if any(s.slot >= 0 for s in batch_seqs):

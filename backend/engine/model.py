@@ -114,8 +114,8 @@ class AttentionBatch:
     positions: torch.Tensor          # [T] long: position of each token in its sequence
     slot_mapping: torch.Tensor       # [T] long: cache row each token's K/V goes to
     num_decode: int                  # rows [0, num_decode) are single decode tokens
-    decode_kv_index: torch.Tensor | None = None  # [num_decode, L] long
-    decode_mask: torch.Tensor | None = None      # [num_decode, 1, 1, L] bool
+    decode_blocks: torch.Tensor | None = None    # [num_decode, n] long: cache blocks read
+    decode_mask: torch.Tensor | None = None      # [num_decode, 1, 1, n * block_size] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -173,6 +173,9 @@ class Transformer:
         self.lm_head = weights["lm_head"]
         self.layers = [Layer(w) for w in weights["layers"]]
         self.cos, self.sin = rope_tables(args, max_context, device, dtype)
+        # Decode attention gathers whole KV blocks into these, reused from step to step.
+        self._k_buf = torch.empty(0, device=device, dtype=dtype)
+        self._v_buf = torch.empty(0, device=device, dtype=dtype)
 
     @property
     def weights_bytes(self) -> int:
@@ -213,7 +216,7 @@ class Transformer:
         """Logits ``[len(logits_rows), vocab]`` for the chosen rows of the flat batch.
 
         ``tokens`` is ``[T]`` long; ``kv`` is a KV cache with ``k[layer]``/``v[layer]`` of shape
-        ``[rows, kv_heads, head_dim]``.
+        ``[num_blocks * block_size, kv_heads, head_dim]`` and a ``block_size``.
         """
         a = self.args
         x = self.embed[tokens]
@@ -258,21 +261,46 @@ class Transformer:
         out = torch.empty_like(q)
         nd = attn.num_decode
         if nd:
-            qd = q[:nd].unsqueeze(2)                                    # [B, H, 1, D]
-            kd = k_cache[attn.decode_kv_index].transpose(1, 2)          # [B, KVH, L, D]
-            vd = v_cache[attn.decode_kv_index].transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=attn.decode_mask,
+            kd, vd = self._gather_blocks(k_cache, v_cache, attn.decode_blocks, kv.block_size)
+            od = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kd, vd,
+                                                attn_mask=attn.decode_mask,
                                                 enable_gqa=a.num_kv_heads != a.num_heads)
             out[:nd] = od.squeeze(2)
         for ch in attn.prefills:
-            qp = q[ch.start:ch.start + ch.length].transpose(0, 1)         # [H, q, D]
-            kp = k_cache[ch.kv_index].transpose(0, 1)                     # [KVH, L, D]
-            vp = v_cache[ch.kv_index].transpose(0, 1)
+            rows = slice(ch.start, ch.start + ch.length)
+            qp = q[rows].transpose(0, 1)                                  # [H, q, D]
+            if ch.mask is None:       # the chunk is the whole context: its own K/V, no gather
+                kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            else:
+                kp = k_cache[ch.kv_index].transpose(0, 1)                 # [KVH, L, D]
+                vp = v_cache[ch.kv_index].transpose(0, 1)
             op = F.scaled_dot_product_attention(
                 qp.unsqueeze(0), kp.unsqueeze(0), vp.unsqueeze(0), attn_mask=ch.mask,
                 is_causal=ch.mask is None, enable_gqa=a.num_kv_heads != a.num_heads)
-            out[ch.start:ch.start + ch.length] = op[0].transpose(0, 1)
+            out[rows] = op[0].transpose(0, 1)
         return out.view(t, a.q_size)
+
+    def _gather_blocks(self, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                       block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[B, KVH, n * block_size, D]`` of the cache blocks ``blocks`` ``[B, n]``.
+
+        Each block is copied as one row, into buffers kept between calls; that is cheaper than
+        indexing the cache token by token and allocating the result at every layer.
+        """
+        b, n = blocks.shape
+        kvh, d = k_cache.shape[1:]
+        flat = blocks.reshape(-1)
+        need = b * n * block_size * kvh * d
+        if self._k_buf.numel() < need:
+            self._k_buf = torch.empty(need, device=k_cache.device, dtype=k_cache.dtype)
+            self._v_buf = torch.empty(need, device=v_cache.device, dtype=v_cache.dtype)
+        width = block_size * kvh * d
+        kb = self._k_buf[:need].view(b * n, width)
+        vb = self._v_buf[:need].view(b * n, width)
+        torch.index_select(k_cache.view(-1, width), 0, flat, out=kb)
+        torch.index_select(v_cache.view(-1, width), 0, flat, out=vb)
+        shape = (b, n * block_size, kvh, d)
+        return kb.view(shape).transpose(1, 2), vb.view(shape).transpose(1, 2)
 
 
 # -- checkpoint loading -------------------------------------------------------------------------

@@ -125,6 +125,29 @@ def test_engine_reports_model_and_memory(engine_models):
     assert engine.tokenizer is not None and engine.tokenizer.decode([104, 105]) == "hi"
 
 
+def test_decode_block_gather_reads_each_sequence_rows_in_order():
+    """Blocks scattered out of order, gathered into buffers reused at several shapes, give each
+    sequence exactly its cache rows in position order, as a token-by-token gather would."""
+    from quiver.backend.engine.kv_cache import KVCache
+    from quiver.backend.engine.model import ModelArgs, Transformer
+
+    args = ModelArgs.from_config(dict(
+        model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=50))
+    model = Transformer.random(args, 64, torch.device("cpu"), torch.float32)
+    kv = KVCache(args, num_blocks=12, block_size=4, device=torch.device("cpu"),
+                 dtype=torch.float32)
+    kv.k[0].copy_(torch.randn_like(kv.k[0]))
+    kv.v[0].copy_(torch.randn_like(kv.v[0]))
+    offsets = torch.arange(4)
+    for tables in ([[7, 2, 9], [0, 11, 5]], [[3]], [[10, 1, 6, 4], [8, 0, 2, 11], [5, 9, 3, 7]]):
+        blocks = torch.tensor(tables)
+        k, v = model._gather_blocks(kv.k[0], kv.v[0], blocks, kv.block_size)
+        rows = (blocks[:, :, None] * 4 + offsets).flatten(1)               # [B, n * 4]
+        assert torch.equal(k, kv.k[0][rows].transpose(1, 2))
+        assert torch.equal(v, kv.v[0][rows].transpose(1, 2))
+
+
 def _hf_params(base):
     from safetensors import safe_open
 
