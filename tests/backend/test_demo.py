@@ -7,17 +7,16 @@ import shutil
 import struct
 from pathlib import Path
 
+import peft
 import pytest
+import torch
+import transformers
 
 from quiver.backend.demo import (
     ASSETS, BASE_MODEL_NAME, TASKS, demo_paths, ensure_demo, load_demo, render_prompt,
     split_prompt,
 )
 from quiver.backend.demo.tasks import MAX_PAYLOAD, random_instruction, random_payload
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 PROBE = "Please shout this: hello world"
 SHIPPED = [a.name for a in load_demo(ASSETS).adapters] if (ASSETS / "manifest.json").exists() \

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import httpx
+import lorax  # lorax-client: installed with --no-deps by scripts/bootstrap.sh
 import pytest
-
-lorax = pytest.importorskip("lorax", reason="lorax-client is installed by scripts/bootstrap.sh")
 
 pytestmark = pytest.mark.slow
 

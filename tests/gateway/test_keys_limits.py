@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, service_missing, wait_for_port
 from tests.gateway.conftest import BASE, metric
 
 pytestmark = pytest.mark.services
@@ -116,7 +116,7 @@ def own_redis():
     """A private redis-server that the test may kill (never the shared one)."""
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.skip("redis-server is not installed")
+        service_missing("redis-server (to start a private Redis)", "not on PATH")
     port = free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
