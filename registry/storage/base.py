@@ -22,7 +22,8 @@ from quiver.errors import InvalidRequest
 
 __all__ = [
     "BlobStore", "BlobStream", "BlobListing", "PartAssembler", "CHUNK_SIZE", "check_sha256",
-    "check_upload_key", "check_part_number", "check_range", "part_length", "rechunk", "MAX_PARTS",
+    "check_upload_key", "check_part_number", "check_range", "check_parts_complete", "part_length",
+    "rechunk", "MAX_PARTS",
 ]
 
 CHUNK_SIZE = 1 << 20
@@ -56,6 +57,16 @@ def check_part_number(part_number: int) -> int:
         raise InvalidRequest(f"part numbers run from 0 to {MAX_PARTS - 1}, got {part_number!r}",
                              details={"part_number": part_number})
     return part_number
+
+
+def check_parts_complete(sha256: str, have: set[int], part_count: int) -> None:
+    """InvalidRequest unless parts ``0 .. part_count - 1`` of ``sha256`` are all in ``have``."""
+    if part_count < 1:
+        raise InvalidRequest("an upload has at least one part", details={"part_count": 0})
+    missing = [k for k in range(part_count) if k not in have]
+    if missing:
+        raise InvalidRequest(f"blob {sha256} is missing {len(missing)} part(s)",
+                             details={"sha256": sha256, "missing_parts": missing})
 
 
 def part_length(part_number: int, part_size: int, blob_size: int) -> int:

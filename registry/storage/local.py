@@ -46,7 +46,7 @@ from quiver.errors import BlobNotFound, ChecksumMismatch, Conflict, InvalidReque
 
 from .base import (
     CHUNK_SIZE, BlobListing, BlobStream, check_part_number, check_range, check_sha256,
-    check_upload_key, part_length, rechunk,
+    check_parts_complete, check_upload_key, part_length, rechunk,
 )
 
 __all__ = ["LocalBlobStore"]
@@ -530,13 +530,7 @@ class LocalBlobStore:
     async def complete_parts(self, upload_key: str, sha256: str, part_count: int,
                              expected_size: int) -> tuple[str, int]:
         parts = self._parts_dir(upload_key, sha256)
-        if part_count < 1:
-            raise InvalidRequest("an upload has at least one part", details={"part_count": 0})
-        have = set(await self.list_parts(upload_key, sha256))
-        missing = [k for k in range(part_count) if k not in have]
-        if missing:
-            raise InvalidRequest(f"blob {sha256} is missing {len(missing)} part(s)",
-                                 details={"sha256": sha256, "missing_parts": missing})
+        check_parts_complete(sha256, set(await self.list_parts(upload_key, sha256)), part_count)
         if await asyncio.to_thread((parts / _LAYOUT).is_file):
             try:
                 await asyncio.to_thread(self._publish_assembly, parts, sha256, part_count,

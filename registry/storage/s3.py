@@ -38,7 +38,7 @@ from quiver.errors import (
 
 from .base import (
     CHUNK_SIZE, BlobListing, BlobStream, check_part_number, check_range, check_sha256,
-    check_upload_key,
+    check_parts_complete, check_upload_key,
 )
 
 __all__ = ["S3BlobStore"]
@@ -381,13 +381,7 @@ class S3BlobStore:
     async def complete_parts(self, upload_key: str, sha256: str, part_count: int,
                              expected_size: int) -> tuple[str, int]:
         prefix = _parts_prefix(upload_key, sha256)
-        if part_count < 1:
-            raise InvalidRequest("an upload has at least one part", details={"part_count": 0})
-        have = set(await self.list_parts(upload_key, sha256))
-        missing = [k for k in range(part_count) if k not in have]
-        if missing:
-            raise InvalidRequest(f"blob {sha256} is missing {len(missing)} part(s)",
-                                 details={"sha256": sha256, "missing_parts": missing})
+        check_parts_complete(sha256, set(await self.list_parts(upload_key, sha256)), part_count)
 
         def part_bytes() -> Iterator[bytes]:
             for k in range(part_count):
