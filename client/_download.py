@@ -76,8 +76,9 @@ class Downloader:
         todo = self.missing(entries)
         if not todo:
             return 0
-        states = {e.sha256: self.cache.load_partial(e, self._chunk_for(e)) for e in todo}
-        total = sum(s.missing_bytes() for s in states.values())
+        # Partial downloads are read only under each blob's lock: reading (and tidying) one
+        # outside it would race with another puller that is writing it.
+        total = sum(e.size for e in todo)
         bar = _progress_bar(total, desc) if progress else None
         fetched = 0
         try:
@@ -87,6 +88,8 @@ class Downloader:
                         if self.cache.has_blob(entry):  # another process fetched it meanwhile
                             continue
                         state = self.cache.load_partial(entry, self._chunk_for(entry))
+                        if bar is not None:        # what an earlier attempt already holds
+                            bar.update(entry.size - state.missing_bytes())
                         fetched += self._fetch_verified(pool, entry, state, bar)
         finally:
             if bar is not None:
