@@ -13,6 +13,8 @@ caller knows the blob's part size and total size, so that completing costs one h
 
 from __future__ import annotations
 
+import abc
+
 import re
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
@@ -113,7 +115,7 @@ async def rechunk(chunks: AsyncIterator[bytes], size: int = CHUNK_SIZE) -> Async
         yield pending[0] if len(pending) == 1 else b"".join(pending)
 
 
-class BlobStream:
+class BlobStream(abc.ABC):
     """The bytes of one blob range, opened lazily.
 
     ``await stream`` opens it eagerly (so a missing blob raises BlobNotFound before any response
@@ -128,14 +130,14 @@ class BlobStream:
         self.length: int | None = None
         """Bytes the range holds, known once opened."""
 
-    async def _open(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def _open(self) -> None: ...
 
-    async def _read(self) -> bytes:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def _read(self) -> bytes: ...
 
-    async def _release(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def _release(self) -> None: ...
 
     async def open(self) -> BlobStream:
         if not self._opened:

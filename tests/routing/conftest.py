@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -30,30 +28,14 @@ def _client_env(tmp_path, monkeypatch):
 
 def start_registry(data_dir: Path, redis_url: str | None = None):
     """A real registry (SQLite, local blobs) served by uvicorn in a thread; returns (url, stop)."""
-    import uvicorn
-
     from quiver.registry.app import create_app
     from quiver.registry.settings import Settings
-    from tests.conftest import free_port
+    from tests.conftest import ServerThread
 
     settings = Settings(data_dir=data_dir, admin_token=ADMIN_TOKEN, anonymous_read=True,
                         redis_url=redis_url)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the registry did not start")
-        time.sleep(0.02)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-    return f"http://127.0.0.1:{port}", stop
+    server = ServerThread(create_app(settings))
+    return server.url, server.stop
 
 
 class Hub:
