@@ -5,7 +5,8 @@ One run, on loopback, with the registry started as a real server process:
 - pull: ``Client.pull`` (cold cache) of a ~200 MB adapter vs a raw streaming GET of the same
   blob to a file vs ``huggingface_hub.snapshot_download`` of the same version from the registry;
 - push: ``Client.push`` of a fresh ~200 MB adapter vs a raw streaming PUT of the same bytes to
-  a sink server (uvicorn, writes to disk) run by this script;
+  a sink server (uvicorn, writes to disk) run by this script, which keeps each file until the
+  repetition ends, as the registry keeps its blob;
 - lookups and listings: p50 with 10,000 versions vs 10, on SQLite and PostgreSQL (versions are
   created through the registry's crud layer);
 - the registry's resident memory while a ~1 GB adapter is pushed and pulled.
@@ -33,7 +34,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import bench_args, percentile, ratio, report, rss_bytes  # noqa: E402
+from _common import (  # noqa: E402
+    bench_args, percentile, prefault_page_cache, ratio, report, rss_bytes,
+)
 
 MiB = 1 << 20
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -114,7 +117,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def sink_main(port: int, folder: str) -> None:
-    """The PUT sink: a minimal ASGI app on uvicorn writing each request body to disk."""
+    """The PUT sink: a minimal ASGI app on uvicorn writing each request body to a file it keeps.
+
+    Keeping the file matters on a VM: freed page-cache pages are reused far more cheaply than
+    fresh guest memory is touched, so a sink that deletes before answering runs on recycled
+    memory while the registry, which keeps its blobs, does not."""
     import uvicorn
 
     async def app(scope, receive, send):
@@ -127,8 +134,7 @@ def sink_main(port: int, folder: str) -> None:
                 msg = await receive()
                 fh.write(msg.get("body", b""))
                 more = msg.get("more_body", False)
-        size = path.stat().st_size
-        path.unlink()
+        size = path.stat().st_size   # kept, as the registry keeps its blob; removed by the caller
         body = json.dumps({"received": size}).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),
@@ -230,6 +236,8 @@ def bench_push(url: str, token: str, sink: str, base: str, layers: int, work: Pa
             times[name].append(time.perf_counter() - t0)
         shutil.rmtree(folder)
         shutil.rmtree(work / f"push-cache-{rep}", ignore_errors=True)
+        for received in (work / "sink").iterdir():
+            received.unlink()
     return times
 
 
@@ -454,6 +462,8 @@ def main() -> None:
         p.add_argument("--only", default="pull,push,rss,lookups",
                        help="comma-separated parts to run: pull, push, rss, lookups")
         p.add_argument("--workdir", default=None)
+        p.add_argument("--prefault-mb", type=int, default=None,
+                       help="MiB written and deleted before timing (default 4096, quick 1024)")
 
     args = bench_args(__doc__.splitlines()[0], extra)
     size_mb = args.size_mb or (64 if args.quick else 200)
@@ -473,6 +483,10 @@ def main() -> None:
     result: dict[str, Any] = {}
     proc = sink = None
     try:
+        prefault = args.prefault_mb if args.prefault_mb is not None else (
+            1024 if args.quick else 4096)
+        if prefault:
+            result["prefault_s"] = round(prefault_page_cache(work, prefault), 2)
         proc, url = start_registry(work / "registry", token)
         (work / "sink").mkdir()
         sink, sink_url = start_sink(work / "sink")

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from pathlib import Path
 
 from quiver.logging import configure
 from quiver.registry.settings import Settings
 
 __all__ = ["serve"]
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def _bound_malloc() -> None:
+    """Keep streamed buffers from piling up in glibc's heaps.
+
+    Blobs pass through as 1 MiB buffers on many worker threads. glibc raises its mmap
+    threshold after the first such buffer is freed, so later ones come from per-thread arenas
+    that hold on to the memory; a fixed threshold returns each buffer to the system when it is
+    freed, and two arenas bound what threads can strand. No effect outside glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+        libc.mallopt(_M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        pass
 
 
 def serve(host: str | None = None, port: int | None = None,
@@ -21,5 +45,6 @@ def serve(host: str | None = None, port: int | None = None,
                  "data_dir": Path(data_dir) if data_dir is not None else None}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     configure(settings.log_level, settings.log_format)
+    _bound_malloc()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level="warning", timeout_graceful_shutdown=5)
