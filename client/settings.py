@@ -75,8 +75,10 @@ class ClientSettings(BaseQuiverSettings):
     token: str | None = None
     cache_dir: Path = Path("~/.cache/quiver")
     config_file: Path = _DEFAULT_CONFIG
-    # Concurrent connections for one large file (ranged GETs) or one upload (parts).
-    parallel_downloads: int = Field(default=4, ge=1, le=64)
+    # Concurrent connections for one large file (ranged GETs) or one upload (parts); by
+    # default 4, or the number of CPUs when fewer (each connection needs a core on loopback).
+    parallel_downloads: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)),
+                                    ge=1, le=64)
     # Bytes per ranged GET of a large download; uploads use the registry's part size.
     part_size: int = Field(default=32 << 20, ge=1 << 16)
     # Files at least this large are fetched with parallel ranged GETs.
