@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import sys
 from pathlib import Path
 
 from quiver.logging import configure
@@ -24,10 +22,8 @@ def _bound_malloc() -> None:
     that hold on to the memory; a fixed threshold returns each buffer to the system when it is
     freed, and two arenas bound what threads can strand. No effect outside glibc.
     """
-    if not sys.platform.startswith("linux"):
-        return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)     # the symbols already loaded: no library search at start
         libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
         libc.mallopt(_M_ARENA_MAX, 2)
     except (OSError, AttributeError):

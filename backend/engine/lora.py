@@ -179,13 +179,10 @@ def prepare_adapter(adapter_config: dict[str, Any], tensors: dict[str, torch.Ten
         alpha = float(cfg.get("lora_alpha", r) if alpha is None else alpha)
         scale = alpha / (math.sqrt(r) if use_rslora else r)
         scales[module] = scale
-        # B is transposed into the slot layout and scaled in fp32, so the scale rounds once;
-        # for fp32 slots that is a single new buffer, scaled in place.
-        if dtype == torch.float32:
-            bt = b.t().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-            bt.mul_(scale)
-        else:
-            bt = (b.float().t() * scale).to(dtype).contiguous()
+        # B transposed into the slot layout in one new fp32 buffer, scaled in place (so the
+        # scale rounds once), then cast: no further copy for fp32 slots.
+        bt = b.t().to(torch.float32, memory_format=torch.contiguous_format,
+                      copy=True).mul_(scale).to(dtype)
         a = a.to(dtype).contiguous()
         if pin:
             a, bt = a.pin_memory(), bt.pin_memory()
