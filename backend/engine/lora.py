@@ -9,7 +9,9 @@ Layout per module: ``a[layer]`` is ``[slots, max_rank, d_in]`` (A as stored by P
 ``b[layer]`` is ``[slots, max_rank, d_out]`` (``scale · Bᵀ``), so the first ``r`` rank rows of a
 slot are contiguous and rows past an adapter's rank are zero. q/k/v (and gate/up), which read
 the same input, keep their A in one buffer ``[slots, max_rank, n, d_in]``, so on the CPU one
-matmul shrinks all of them. Slots are grouped by their rank rounded up to a power of two; each
+matmul shrinks all of them; when their outputs have one width (gate/up always, q/k/v without
+grouped-query attention) their B shares a buffer ``[slots, n, max_rank, d_out]`` too, so one
+matmul expands them into the fused projection's output. Slots are grouped by their rank rounded up to a power of two; each
 group runs only its own rank's work. A group whose slots form a consecutive run with the same
 number of tokens each (a decode step whose requests spread evenly over many adapters) runs as
 one ``bmm`` over the slot buffers, with no copy of the weights and no per-adapter dispatch.
@@ -247,14 +249,27 @@ class LoraSlots:
             self.fused_a[name] = fused
             for j, m in enumerate(group):
                 self.a[m] = fused[:, :, :, j]
+        # ... and, where their outputs have one width, one B buffer ``[layers, slots, n,
+        # max_rank, d_out]``, whose expand is then one matmul too.
+        self.fused_b: dict[str, torch.Tensor] = {}
+        for name, group in FUSED_GROUPS.items():
+            if len({dims[m][1] for m in group}) == 1:
+                fused = torch.zeros(nl, num_slots, len(group), max_rank, dims[group[0]][1],
+                                    device=device, dtype=dtype)
+                self.fused_b[name] = fused
+                for j, m in enumerate(group):
+                    self.b[m] = fused[:, :, j]
         for m, (d_in, d_out) in dims.items():
             if m not in self.a:
                 self.a[m] = torch.zeros(nl, num_slots, max_rank, d_in, device=device,
                                         dtype=dtype)
-            self.b[m] = torch.zeros(nl, num_slots, max_rank, d_out, device=device, dtype=dtype)
-        self._buffers = [*self.fused_a.values(),
+            if m not in self.b:
+                self.b[m] = torch.zeros(nl, num_slots, max_rank, d_out, device=device,
+                                        dtype=dtype)
+        in_fused_b = {m for name in self.fused_b for m in FUSED_GROUPS[name]}
+        self._buffers = [*self.fused_a.values(), *self.fused_b.values(),
                          *(t for m, t in self.a.items() if not _in_fused_group(m)),
-                         *self.b.values()]
+                         *(t for m, t in self.b.items() if m not in in_fused_b)]
         self.slot_rank = torch.zeros(num_slots, dtype=torch.long)      # bucketed rank, 0 = empty
         self.module_users = dict.fromkeys(TARGET_MODULES, 0)
         self.loaded: dict[str, int] = {}
@@ -378,6 +393,36 @@ class LoraContext:
             return torch.bmm(x.reshape(w.shape[0], -1, x.shape[1]), w).reshape(x.shape[0], -1)
         return F.grouped_mm(x, w, offs=g.offs)
 
+    @staticmethod
+    def _fused_expand(g: _Group, h_all: torch.Tensor, fused_b: torch.Tensor,
+                      y: torch.Tensor) -> None:
+        """``y[t, j·d_out:(j+1)·d_out] += h_all[t, :, j] @ B_j[s]`` for every module ``j`` of a
+        group with one B buffer (``g.slot_run`` set): one ``bmm`` over (slot, module) pairs when
+        each slot has one token, else one per module, written into the output in place when its
+        rows are in slot order."""
+        tg, rank, n = h_all.shape
+        wv = fused_b[g.slot_run, :, :rank]                    # [slots, n, rank, d_out]
+        slots, d_out = wv.shape[0], wv.shape[-1]
+        k = tg // slots                                       # tokens per slot
+        w = wv.reshape(slots * n, rank, d_out)
+        if g.span is not None and y.is_contiguous() and y.dtype == w.dtype:
+            # Rows in slot order: expand straight into the output.
+            yv = y[g.span].view(slots, k, n, d_out)
+            if k == 1:
+                h = h_all.transpose(1, 2).reshape(slots * n, 1, rank)
+                yv.view(slots * n, 1, d_out).baddbmm_(h, w)
+            else:
+                hv = h_all.view(slots, k, rank, n)
+                for j in range(n):
+                    yv[:, :, j].baddbmm_(hv[..., j], wv[:, j])
+            return
+        h = h_all.view(slots, k, rank, n).permute(0, 3, 1, 2).reshape(slots * n, k, rank)
+        dy = torch.bmm(h, w).view(slots, n, k, d_out).transpose(1, 2).reshape(tg, n * d_out)
+        if g.span is not None:
+            y[g.span] += dy.to(y.dtype)
+        else:
+            y.index_add_(0, g.rows, dy.to(y.dtype))
+
     def _delta(self, g: _Group, xg: torch.Tensor, a: torch.Tensor,
                b: torch.Tensor) -> torch.Tensor:
         if self.use_kernels:
@@ -403,14 +448,27 @@ class LoraContext:
         if not active:
             return
         fuse = fused is not None and not self.use_kernels and len(active) > 1
+        fused_b = self.slots.fused_b.get(fused) if fuse and len(active) == len(parts) else None
         for g in self.groups:
             xg = x[g.span] if g.span is not None else x.index_select(0, g.rows)
             h_all = (self._fused_shrink(g, xg, self.slots.fused_a[fused][layer], len(parts))
                      if fuse else None)
+            if fused_b is not None and g.slot_run is not None:
+                self._fused_expand(g, h_all, fused_b[layer], y)
+                continue
             for j, (module, off, size) in enumerate(parts):
                 if (module, off, size) not in active:
                     continue
                 b = self.slots.b[module][layer]
+                if (h_all is None and not self.use_kernels and g.slot_run is not None
+                        and g.span is not None and size == y.shape[1]
+                        and y.is_contiguous() and y.dtype == b.dtype):
+                    # The whole output, rows in slot order: expand straight into it.
+                    h = self._mm(g, xg, self.slots.a[module][layer][:, :g.rank].transpose(1, 2))
+                    w = b[g.slot_run, :g.rank]
+                    y[g.span].view(w.shape[0], -1, size).baddbmm_(
+                        h.view(w.shape[0], -1, g.rank), w)
+                    continue
                 if h_all is not None:
                     dy = self._mm(g, h_all[:, :, j].contiguous(), b[:, :g.rank])
                 else:

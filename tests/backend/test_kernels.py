@@ -30,10 +30,10 @@ in_interpreter = pytest.mark.skipif(_CHILD, reason="run by test_kernels_in_a_chi
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def odd_args(hidden: int = 72, intermediate: int = 200) -> ModelArgs:
+def odd_args(hidden: int = 72, intermediate: int = 200, kv_heads: int = 1) -> ModelArgs:
     """A model shape with sizes that are not powers of two (3 heads of 24, 1 KV head)."""
     return ModelArgs(model_type="llama", hidden_size=hidden, intermediate_size=intermediate,
-                     num_layers=1, num_heads=3, num_kv_heads=1, head_dim=hidden // 3,
+                     num_layers=1, num_heads=3, num_kv_heads=kv_heads, head_dim=hidden // 3,
                      vocab_size=32, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
                      max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False,
                      o_bias=False, mlp_bias=False, sliding_window=None)
@@ -116,14 +116,18 @@ def test_cpu_grouped_path_matches_reference(ranks, mix, dtype):
 
 
 @pytest.mark.parametrize("token_slots", [[0, 1, 2, 3], [1, 0], [0, 1, 3, -1], [3, 3, 0, 2, 1],
-                                         [1, 0, 1, 0, 2, 2]],
-                         ids=["distinct", "run-unsorted", "with-base", "repeated", "even-run"])
-def test_cpu_fused_qkv_and_gate_up_match_reference(token_slots):
-    """One shrink for q/k/v and one for gate/up (and the one-token-per-slot bmm) stay exact."""
+                                         [1, 0, 1, 0, 2, 2], [0, 1], [0, 0, 1, 1]],
+                         ids=["distinct", "run-unsorted", "with-base", "repeated", "even-run",
+                              "run-in-order", "even-run-in-order"])
+@pytest.mark.parametrize("kv_heads", [1, 3], ids=["gqa", "mha"])
+def test_cpu_fused_qkv_and_gate_up_match_reference(token_slots, kv_heads):
+    """One shrink for q/k/v and one for gate/up, and one expand where their outputs have one
+    width (gate/up; q/k/v without GQA), stay exact for every way rows map onto slots."""
     if HAS_CUDA:
         pytest.skip("the fused torch path is the CPU path")
-    args = odd_args()
+    args = odd_args(kv_heads=kv_heads)
     slots, true = fill_slots(args, [16, 16, 4, 16], torch.float32)
+    assert ("qkv" in slots.fused_b) == (kv_heads == 3) and "gate_up" in slots.fused_b
     ts = torch.tensor(token_slots)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(ts.numel(), args.hidden_size, generator=gen)
