@@ -34,7 +34,7 @@ from quiver.errors import (IncompatibleAdapter, InvalidAdapter, Overloaded,
 from quiver.backend.engine.model import TARGET_MODULES, ModelArgs
 
 __all__ = ["PreparedAdapter", "LoraSlots", "LoraContext", "prepare_adapter", "load_adapter_dir",
-           "lora_reference", "rank_bucket"]
+           "read_safetensors", "lora_reference", "rank_bucket"]
 
 _TENSOR_RE = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
@@ -43,19 +43,25 @@ _TENSOR_RE = re.compile(
 
 @dataclass
 class PreparedAdapter:
-    """An adapter validated against the base model and laid out for the slots (host memory)."""
+    """An adapter validated against the base model and laid out for the slots (host memory).
+
+    Every module's weights are stacked over layers, ``a[m]`` ``[layers, r_m, d_in]`` and
+    ``b[m]`` ``[layers, r_m, d_out]`` (``scale·Bᵀ``), with ``r_m`` the module's largest rank
+    and zero rows where a layer has a smaller rank or no LoRA; all of them are views of one
+    buffer (page-locked on CUDA), so loading a slot is one copy per module and buffer.
+    """
 
     rank: int                      # largest rank over its modules
     modules: tuple[str, ...]       # target modules it touches
-    # (layer, module) → (A [r, d_in], scale·Bᵀ [r, d_out])
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
     scales: dict[str, float]       # module name → scale
     use_rslora: bool
+    buffer: torch.Tensor           # the one allocation every ``a``/``b`` tensor views
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b in self.weights.values())
+        return self.buffer.numel() * self.buffer.element_size()
 
 
 # Target modules that read the same input, shrunk by one matmul per rank group.
@@ -152,7 +158,7 @@ def prepare_adapter(adapter_config: dict[str, Any], tensors: dict[str, torch.Ten
         pairs.setdefault((layer, module), {})[which] = t
 
     use_rslora = bool(cfg.get("use_rslora"))
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    accepted: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     scales: dict[str, float] = {}
     rank = 0
     for (layer, module), ab in sorted(pairs.items()):
@@ -172,6 +178,11 @@ def prepare_adapter(adapter_config: dict[str, Any], tensors: dict[str, torch.Ten
             incompatible.append({"module": where, "expected": f"lora_B [{d_out}, {r}]",
                                  "found": list(b.shape), "problem": "lora_B shape mismatch"})
             continue
+        if not (a.is_floating_point() and b.is_floating_point()):
+            incompatible.append({"module": where, "expected": "floating-point weights",
+                                 "found": [str(a.dtype), str(b.dtype)],
+                                 "problem": "LoRA weights are not floating point"})
+            continue
         if r > max_rank:
             refuse("r", f"rank {r} exceeds this engine's max_rank {max_rank}", module=where)
             continue
@@ -181,14 +192,7 @@ def prepare_adapter(adapter_config: dict[str, Any], tensors: dict[str, torch.Ten
         alpha = float(cfg.get("lora_alpha", r) if alpha is None else alpha)
         scale = alpha / (math.sqrt(r) if use_rslora else r)
         scales[module] = scale
-        # B transposed into the slot layout in one new fp32 buffer, scaled in place (so the
-        # scale rounds once), then cast: no further copy for fp32 slots.
-        bt = b.t().to(torch.float32, memory_format=torch.contiguous_format,
-                      copy=True).mul_(scale).to(dtype)
-        a = a.to(dtype).contiguous()
-        if pin:
-            a, bt = a.pin_memory(), bt.pin_memory()
-        weights[(layer, module)] = (a, bt)
+        accepted.setdefault(module, []).append((layer, a, b, scale))
         rank = max(rank, r)
     if unservable:
         reasons = "; ".join(u["problem"] for u in unservable)
@@ -197,18 +201,109 @@ def prepare_adapter(adapter_config: dict[str, Any], tensors: dict[str, torch.Ten
     if incompatible:
         raise IncompatibleAdapter(f"adapter does not fit the base model ({len(incompatible)} "
                                   f"problems)", details=incompatible)
-    if not weights:
+    if not accepted:
         raise InvalidAdapter("adapter holds no LoRA weights")
-    modules = tuple(m for m in TARGET_MODULES if m in {k[1] for k in weights})
-    return PreparedAdapter(rank=rank, modules=modules, weights=weights, scales=scales,
-                           use_rslora=use_rslora)
+    modules = tuple(m for m in TARGET_MODULES if m in accepted)
+    a_out, b_out, buffer = _stack(accepted, modules, args, dtype, pin)
+    return PreparedAdapter(rank=rank, modules=modules, a=a_out, b=b_out, scales=scales,
+                           use_rslora=use_rslora, buffer=buffer)
+
+
+def _stack(accepted: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]],
+           modules: tuple[str, ...], args: ModelArgs, dtype: torch.dtype, pin: bool
+           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """Each module's A and ``scale·Bᵀ`` stacked over layers in one buffer, zero where a layer
+    has a smaller rank or no LoRA."""
+    dims, nl = args.module_dims(), args.num_layers
+    ranks = {m: max(a.shape[0] for _, a, _, _ in accepted[m]) for m in modules}
+    total = sum(nl * ranks[m] * (dims[m][0] + dims[m][1]) for m in modules)
+    buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
+    a_out: dict[str, torch.Tensor] = {}
+    b_out: dict[str, torch.Tensor] = {}
+    off = 0
+    for m in modules:
+        (d_in, d_out), r_m = dims[m], ranks[m]
+        a_out[m] = buffer[off:off + nl * r_m * d_in].view(nl, r_m, d_in)
+        off += nl * r_m * d_in
+        b_out[m] = buffer[off:off + nl * r_m * d_out].view(nl, r_m, d_out)
+        off += nl * r_m * d_out
+        items = accepted[m]
+        if (dtype == torch.float32 and len(items) == nl
+                and all(a.shape[0] == r_m and a.dtype == b.dtype == dtype
+                        for _, a, b, _ in items)):
+            # Every layer at one rank (the usual case): one stacking copy per matrix.
+            torch.stack([a for _, a, _, _ in items], out=a_out[m])
+            torch.stack([b.t() for _, _, b, _ in items], out=b_out[m])
+            scales = {scale for *_, scale in items}
+            b_out[m].mul_(scales.pop() if len(scales) == 1 else torch.tensor(
+                [scale for *_, scale in items], dtype=dtype).view(nl, 1, 1))
+            continue
+        a_out[m].zero_()
+        b_out[m].zero_()
+        for layer, a, b, scale in items:
+            r = a.shape[0]
+            a_out[m][layer, :r].copy_(a)
+            # B transposed and scaled in fp32 (the scale rounds once), then cast.
+            if dtype == torch.float32:
+                b_out[m][layer, :r].copy_(b.t()).mul_(scale)
+            else:
+                b_out[m][layer, :r].copy_(b.t().to(torch.float32).mul(scale))
+    return a_out, b_out, buffer
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_ST_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, as views of one private read-only mapping of it
+    (copied only where a writer left a tensor misaligned for its dtype): nothing is read
+    until used, and the page cache is used in place instead of copied into fresh memory."""
+    def bad(problem: str) -> InvalidAdapter:
+        return InvalidAdapter(f"{path.name} is not a valid safetensors file: {problem}",
+                              details={"file": path.name, "problem": problem})
+
+    size = path.stat().st_size
+    if size < 8:
+        raise bad("shorter than its 8-byte header length")
+    raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    view = memoryview(raw.numpy())
+    n = int.from_bytes(view[:8], "little")
+    if n > min(_ST_MAX_HEADER, size - 8):
+        raise bad(f"header length {n} exceeds the file")
+    try:
+        header = json.loads(bytes(view[8:8 + n]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    base, data_size = 8 + n, size - 8 - n
+    tensors: dict[str, torch.Tensor] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[meta["dtype"]]
+            shape = [int(d) for d in meta["shape"]]
+            start, end = (int(o) for o in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed entry") from None
+        count = math.prod(shape)
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= data_size \
+                or end - start != count * dtype.itemsize:
+            raise bad(f"tensor {name!r}: offsets [{start}, {end}) do not hold {shape} "
+                      f"{meta['dtype']}")
+        chunk = raw[base + start:base + end]
+        if (base + start) % dtype.itemsize:
+            chunk = chunk.clone()
+        tensors[name] = chunk.view(dtype).view(shape)
+    return tensors
 
 
 def load_adapter_dir(path: Path | str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_path, st_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_path.is_file():
@@ -223,8 +318,8 @@ def load_adapter_dir(path: Path | str) -> tuple[dict[str, Any], dict[str, torch.
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidAdapter(f"adapter_config.json is not valid JSON: {exc}") from exc
     try:
-        tensors = load_file(str(st_path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = read_safetensors(st_path)
+    except OSError as exc:
         raise InvalidAdapter(f"adapter_model.safetensors cannot be read: {exc}") from exc
     return config, tensors
 
@@ -294,12 +389,14 @@ class LoraSlots:
                              details={"slots": self.num_slots})
         slot = self._free.pop()
         for m in TARGET_MODULES:
-            self.a[m][:, slot].zero_()
-            self.b[m][:, slot].zero_()
-        for (layer, m), (a, bt) in prepared.weights.items():
-            r = a.shape[0]
-            self.a[m][layer, slot, :r].copy_(a, non_blocking=True)
-            self.b[m][layer, slot, :r].copy_(bt, non_blocking=True)
+            a, b = prepared.a.get(m), prepared.b.get(m)
+            r = 0 if a is None else a.shape[1]
+            if r:
+                self.a[m][:, slot, :r].copy_(a, non_blocking=True)
+                self.b[m][:, slot, :r].copy_(b, non_blocking=True)
+            if r < self.max_rank:
+                self.a[m][:, slot, r:].zero_()
+                self.b[m][:, slot, r:].zero_()
         self.slot_rank[slot] = rank_bucket(prepared.rank, self.max_rank)
         for m in prepared.modules:
             self.module_users[m] += 1

@@ -74,12 +74,12 @@ def _run(engine, prompts, names, join_after: int = 0):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_mixed_batch_matches_peft_each_request_alone(engine_models, family):
     base, adapters = engine_models[family]
-    engine = Engine(EngineConfig(model_dir=base, device="cpu", max_slots=4, max_rank=16,
+    engine = Engine(EngineConfig(model_dir=base, device="cpu", max_slots=5, max_rank=16,
                                  max_running=8, max_batch_tokens=24, kv_cache_tokens=512))
     for name, path in adapters.items():
         engine.load_adapter(name, engine.prepare_adapter(*load_adapter_dir(path)))
     gen = torch.Generator().manual_seed(3)
-    names = [None, "qv4", "all8rs", "mlp16", "attn8pat", "all8rs", None, "qv4"]
+    names = [None, "qv4", "all8rs", "mlp16", "attn8pat", "kv4l1", None, "qv4"]
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist()
                for n in (5, 17, 9, 30, 12, 3, 21, 8)]
     expected = _peft_reference(base, adapters, prompts, names)
@@ -98,11 +98,13 @@ def test_mixed_batch_matches_peft_each_request_alone(engine_models, family):
             assert (base_logits[i][0] - got_logits[i][0]).abs().max().item() > 1e-3, name
 
 def test_adapter_recipes_cover_the_features_the_engine_promises():
-    """The peer comparison really includes mixed ranks, rsLoRA and per-module patterns."""
+    """The peer comparison really includes mixed ranks, rsLoRA, per-module patterns and an
+    adapter on only some layers."""
     ranks = {r["r"] for r in ADAPTER_RECIPES.values()}
     assert len(ranks) >= 3
     assert any(r.get("use_rslora") for r in ADAPTER_RECIPES.values())
     assert any(r.get("rank_pattern") for r in ADAPTER_RECIPES.values())
+    assert any(r.get("layers_to_transform") for r in ADAPTER_RECIPES.values())
 
 
 def test_engine_reports_model_and_memory(engine_models):
@@ -164,13 +166,14 @@ def test_bf16_gpu_matches_peft_bf16(engine_models):
     from transformers import AutoModelForCausalLM
 
     base, adapters = engine_models["llama"]
-    engine = Engine(EngineConfig(model_dir=base, device="cuda", dtype="bf16", max_slots=4,
-                                 max_rank=16, kv_cache_tokens=512))
+    engine = Engine(EngineConfig(model_dir=base, device="cuda", dtype="bf16",
+                                 max_slots=len(adapters), max_rank=16, kv_cache_tokens=512))
     for name, path in adapters.items():
         engine.load_adapter(name, engine.prepare_adapter(*load_adapter_dir(path)))
     gen = torch.Generator().manual_seed(4)
-    names = [None, "qv4", "all8rs", "mlp16", "attn8pat"]
-    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 17, 9, 30, 12)]
+    names = [None, "qv4", "all8rs", "mlp16", "attn8pat", "kv4l1"]
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist()
+               for n in (5, 17, 9, 30, 12, 7)]
     _, got = _run(engine, prompts, names)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).cuda()
     items = list(adapters.items())

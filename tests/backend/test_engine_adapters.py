@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from quiver.backend.engine import Engine, EngineConfig, SamplingParams, load_adapter_dir
+from quiver.backend.engine.lora import read_safetensors
 from quiver.errors import (Conflict, IncompatibleAdapter, InvalidAdapter, ModelNotFound,
                            Overloaded, UnsafeFile, UnservableAdapter)
 from tests._models import make_peft_adapter, make_tiny_base
@@ -155,3 +156,88 @@ def test_a_reused_slot_keeps_nothing_of_its_previous_adapter(llama, engine):
     fresh.load_adapter("small", fresh.prepare_adapter(*load_adapter_dir(adapters["qv4"])))
     torch.testing.assert_close(_greedy_logits(engine, "small"), _greedy_logits(fresh, "small"),
                                rtol=0, atol=1e-6)
+
+
+def _write_safetensors(path, header: dict, data: bytes, pad_to: int = 8) -> None:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % pad_to)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_safetensors_reader_matches_the_library(tmp_path):
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(4, 2).to(torch.bfloat16),
+               "f16": torch.randn(7).to(torch.float16), "empty": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    got = read_safetensors(tmp_path / "a.safetensors")
+    assert set(got) == set(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+def test_safetensors_reader_copies_a_misaligned_tensor(tmp_path):
+    """A writer that does not pad its header leaves fp32 data at an odd offset."""
+    t = torch.arange(6, dtype=torch.float32).view(2, 3)
+    header = {"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
+    _write_safetensors(tmp_path / "odd.safetensors", header, t.numpy().tobytes(), pad_to=1)
+    assert (8 + len(json.dumps(header))) % 4        # really misaligned
+    assert torch.equal(read_safetensors(tmp_path / "odd.safetensors")["x"], t)
+
+
+@pytest.mark.parametrize("header, data, problem", [
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 8, "offsets"),
+    ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "offsets"),
+    ({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "offsets"),
+    ({"x": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed"),
+    ({"x": {"shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed"),
+    ([1, 2], b"", "JSON object"),
+])
+def test_safetensors_reader_refuses_broken_files(tmp_path, header, data, problem):
+    path = tmp_path / "bad.safetensors"
+    _write_safetensors(path, header, data)
+    with pytest.raises(InvalidAdapter) as info:
+        read_safetensors(path)
+    assert info.value.code == "invalid_adapter" and problem in info.value.message
+
+
+def test_safetensors_reader_refuses_a_bad_header(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes((10 ** 6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(InvalidAdapter, match="exceeds the file"):
+        read_safetensors(path)
+    path.write_bytes((4).to_bytes(8, "little") + b"{no}")
+    with pytest.raises(InvalidAdapter, match="not JSON"):
+        read_safetensors(path)
+    path.write_bytes(b"\x01\x00")
+    with pytest.raises(InvalidAdapter, match="8-byte"):
+        read_safetensors(path)
+
+
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+def test_prepared_layout_is_every_layer_stacked_with_zero_padding(llama, engine, tmp_path,
+                                                                  source_dtype):
+    """A module on every layer at one rank, one on some layers, one with a smaller rank: each
+    stacked over layers as A and scale·Bᵀ, zero where a layer has less, in one buffer."""
+    base, _ = llama
+    path = make_peft_adapter(base, tmp_path / "a", r=8, target_modules=["q_proj", "up_proj",
+                             "o_proj"], rank_pattern={"o_proj": 4},
+                             alpha_pattern={"up_proj": 5})
+    config, tensors = load_adapter_dir(path)
+    tensors = {k: v.to(source_dtype) for k, v in tensors.items()}
+    tensors = {k: v for k, v in tensors.items() if not ("layers.0." in k and "up_proj" in k)}
+    prep = engine.prepare_adapter(config, tensors)
+    layers = engine.args.num_layers
+    assert prep.modules == ("q_proj", "o_proj", "up_proj") and prep.rank == 8
+    assert prep.nbytes == sum(t.numel() * 4 for t in (*prep.a.values(), *prep.b.values()))
+    for m, r in (("q_proj", 8), ("o_proj", 4), ("up_proj", 8)):
+        assert prep.a[m].shape[:2] == prep.b[m].shape[:2] == (layers, r)
+        assert prep.a[m].untyped_storage().data_ptr() == prep.buffer.untyped_storage().data_ptr()
+        scale = {"q_proj": 16 / 8, "o_proj": 16 / 4, "up_proj": 5 / 8}[m]   # lora_alpha 16
+        sec = "mlp" if m == "up_proj" else "self_attn"
+        for layer in range(layers):
+            key = f"base_model.model.model.layers.{layer}.{sec}.{m}"
+            if f"{key}.lora_A.weight" not in tensors:
+                assert not prep.a[m][layer].any() and not prep.b[m][layer].any()
+                continue
+            a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+            assert torch.equal(prep.a[m][layer], a.float())
+            assert torch.equal(prep.b[m][layer], b.float().t() * scale)

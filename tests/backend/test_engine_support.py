@@ -64,6 +64,8 @@ ADAPTER_RECIPES = {
     "mlp16": dict(r=16, target_modules=["gate_proj", "up_proj", "down_proj"], seed=13),
     "attn8pat": dict(r=8, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
                      rank_pattern={"o_proj": 2}, alpha_pattern={"down_proj": 3}, seed=14),
+    "kv4l1": dict(r=4, target_modules=["k_proj", "v_proj", "up_proj"], layers_to_transform=[1],
+                  seed=15),
 }
 
 

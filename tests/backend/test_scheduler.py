@@ -24,8 +24,8 @@ def llama(engine_models):
 
 
 def make_engine(base, adapters=None, **kw) -> Engine:
-    cfg = dict(model_dir=base, device="cpu", max_slots=4, max_rank=16, max_running=8,
-               kv_cache_tokens=1024)
+    cfg = dict(model_dir=base, device="cpu", max_slots=max(4, len(adapters or ())),
+               max_rank=16, max_running=8, kv_cache_tokens=1024)
     engine = Engine(EngineConfig(**{**cfg, **kw}))
     for name, path in (adapters or {}).items():
         engine.load_adapter(name, engine.prepare_adapter(*load_adapter_dir(path)))
