@@ -34,6 +34,7 @@ class Heartbeat:
         self.ttl_ms = max(int(ttl * 1000), int(interval * 2000))
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
         self.beats = 0
 
     async def start(self) -> None:
@@ -57,6 +58,8 @@ class Heartbeat:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 await self.beat()
                 delay = self.interval
@@ -68,9 +71,16 @@ class Heartbeat:
 
     async def stop(self, *, delete: bool = True) -> None:
         if self._task is not None:
-            self._task.cancel()
+            # Let a beat in flight finish rather than cancel it: a cancelled SET may still
+            # reach Redis after the DELETE below and bring the key back until its TTL.
+            self._stopping = True
+            self._wake.set()
             with contextlib.suppress(BaseException):
-                await self._task
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=5.0)
+            if not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._task
             self._task = None
         with contextlib.suppress(Exception):
             if delete:
