@@ -11,10 +11,11 @@ slot are contiguous and rows past an adapter's rank are zero. q/k/v (and gate/up
 the same input, keep their A in one buffer ``[slots, max_rank, n, d_in]``, so on the CPU one
 matmul shrinks all of them; when their outputs have one width (gate/up always, q/k/v without
 grouped-query attention) their B shares a buffer ``[slots, n, max_rank, d_out]`` too, so one
-matmul expands them into the fused projection's output. Slots are grouped by their rank rounded up to a power of two; each
-group runs only its own rank's work. A group whose slots form a consecutive run with the same
-number of tokens each (a decode step whose requests spread evenly over many adapters) runs as
-one ``bmm`` over the slot buffers, with no copy of the weights and no per-adapter dispatch.
+matmul expands them into the fused projection's output. Slots are grouped by their rank
+rounded up to a power of two; each group runs only its own rank's work. A group whose slots
+form a consecutive run with the same number of tokens each (a decode step whose requests spread
+evenly over many adapters) runs as one ``bmm`` over the slot buffers, with no copy of the
+weights and no per-adapter dispatch.
 """
 
 from __future__ import annotations
@@ -258,8 +259,8 @@ _ST_MAX_HEADER = 100 * 1024 * 1024
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, as views of one private read-only mapping of it
-    (copied only where a writer left a tensor misaligned for its dtype): nothing is read
+    """Every tensor of a safetensors file, as views of one private (copy-on-write) mapping of
+    it, copied only where a writer left a tensor misaligned for its dtype: nothing is read
     until used, and the page cache is used in place instead of copied into fresh memory."""
     def bad(problem: str) -> InvalidAdapter:
         return InvalidAdapter(f"{path.name} is not a valid safetensors file: {problem}",
@@ -319,7 +320,7 @@ def load_adapter_dir(path: Path | str) -> tuple[dict[str, Any], dict[str, torch.
         raise InvalidAdapter(f"adapter_config.json is not valid JSON: {exc}") from exc
     try:
         tensors = read_safetensors(st_path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:      # RuntimeError: the file could not be mapped
         raise InvalidAdapter(f"adapter_model.safetensors cannot be read: {exc}") from exc
     return config, tensors
 
