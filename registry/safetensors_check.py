@@ -17,7 +17,7 @@ import math
 import re
 import struct
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from quiver.errors import InvalidAdapter, UnsafeFile
@@ -52,6 +52,7 @@ class TensorMeta:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = field(default=0, compare=False)   # where its bytes start in the data section
 
     @property
     def numel(self) -> int:
@@ -184,7 +185,7 @@ def parse_safetensors_header(data_prefix: bytes, file_size: int, *, max_header: 
         if end - begin != nbytes:
             problem(name, f"holds {end - begin} bytes, {dtype} × {shape} needs {nbytes}")
         spans.append((begin, end, name))
-        tensors[name] = TensorMeta(dtype, tuple(shape), nbytes)
+        tensors[name] = TensorMeta(dtype, tuple(shape), nbytes, begin)
 
     data_size = file_size - 8 - n
     cursor = 0

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from quiver.errors import (IncompatibleAdapter, InvalidAdapter, Overloaded,
                            UnsafeFile, UnservableAdapter)
 from quiver.backend.engine.model import TARGET_MODULES, ModelArgs
+from quiver.registry.safetensors_check import header_length, parse_safetensors_header
 
 __all__ = ["PreparedAdapter", "LoraSlots", "LoraContext", "prepare_adapter", "load_adapter_dir",
            "read_safetensors", "lora_reference", "rank_bucket"]
@@ -52,13 +53,21 @@ class PreparedAdapter:
     buffer (page-locked on CUDA), so loading a slot is one copy per module and buffer.
     """
 
-    rank: int                      # largest rank over its modules
-    modules: tuple[str, ...]       # target modules it touches
-    a: dict[str, torch.Tensor]
+    a: dict[str, torch.Tensor]     # target module → [layers, r_m, d_in], in TARGET_MODULES order
     b: dict[str, torch.Tensor]
     scales: dict[str, float]       # module name → scale
     use_rslora: bool
     buffer: torch.Tensor           # the one allocation every ``a``/``b`` tensor views
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The target modules it touches."""
+        return tuple(self.a)
+
+    @property
+    def rank(self) -> int:
+        """Its largest rank over its modules."""
+        return max(t.shape[1] for t in self.a.values())
 
     @property
     def nbytes(self) -> int:
@@ -161,7 +170,6 @@ def prepare_adapter(adapter_config: dict[str, Any], tensors: dict[str, torch.Ten
     use_rslora = bool(cfg.get("use_rslora"))
     accepted: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     scales: dict[str, float] = {}
-    rank = 0
     for (layer, module), ab in sorted(pairs.items()):
         where = f"layers.{layer}.{module}"
         if set(ab) != {"A", "B"}:
@@ -194,7 +202,6 @@ def prepare_adapter(adapter_config: dict[str, Any], tensors: dict[str, torch.Ten
         scale = alpha / (math.sqrt(r) if use_rslora else r)
         scales[module] = scale
         accepted.setdefault(module, []).append((layer, a, b, scale))
-        rank = max(rank, r)
     if unservable:
         reasons = "; ".join(u["problem"] for u in unservable)
         raise UnservableAdapter(f"this engine cannot serve the adapter: {reasons}",
@@ -204,18 +211,18 @@ def prepare_adapter(adapter_config: dict[str, Any], tensors: dict[str, torch.Ten
                                   f"problems)", details=incompatible)
     if not accepted:
         raise InvalidAdapter("adapter holds no LoRA weights")
-    modules = tuple(m for m in TARGET_MODULES if m in accepted)
-    a_out, b_out, buffer = _stack(accepted, modules, args, dtype, pin)
-    return PreparedAdapter(rank=rank, modules=modules, a=a_out, b=b_out, scales=scales,
-                           use_rslora=use_rslora, buffer=buffer)
+    a_out, b_out, buffer = _stack(accepted, args, dtype, pin)
+    return PreparedAdapter(a=a_out, b=b_out, scales=scales, use_rslora=use_rslora,
+                           buffer=buffer)
 
 
 def _stack(accepted: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]],
-           modules: tuple[str, ...], args: ModelArgs, dtype: torch.dtype, pin: bool
+           args: ModelArgs, dtype: torch.dtype, pin: bool
            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """Each module's A and ``scale·Bᵀ`` stacked over layers in one buffer, zero where a layer
-    has a smaller rank or no LoRA."""
+    has a smaller rank or no LoRA; modules in TARGET_MODULES order."""
     dims, nl = args.module_dims(), args.num_layers
+    modules = [m for m in TARGET_MODULES if m in accepted]
     ranks = {m: max(a.shape[0] for _, a, _, _ in accepted[m]) for m in modules}
     total = sum(nl * ranks[m] * (dims[m][0] + dims[m][1]) for m in modules)
     buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
@@ -252,54 +259,35 @@ def _stack(accepted: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float
     return a_out, b_out, buffer
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-_ST_MAX_HEADER = 100 * 1024 * 1024
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, as views of one private (copy-on-write) mapping of
     it, copied only where a writer left a tensor misaligned for its dtype: nothing is read
-    until used, and the page cache is used in place instead of copied into fresh memory."""
-    def bad(problem: str) -> InvalidAdapter:
-        return InvalidAdapter(f"{path.name} is not a valid safetensors file: {problem}",
-                              details={"file": path.name, "problem": problem})
-
+    until used, and the page cache is used in place instead of copied into fresh memory. The
+    header passes the same checks as an upload to the registry."""
     size = path.stat().st_size
     if size < 8:
-        raise bad("shorter than its 8-byte header length")
+        parse_safetensors_header(b"", size, file_name=path.name)      # raises
     raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
     view = memoryview(raw.numpy())
-    n = int.from_bytes(view[:8], "little")
-    if n > min(_ST_MAX_HEADER, size - 8):
-        raise bad(f"header length {n} exceeds the file")
-    try:
-        header = json.loads(bytes(view[8:8 + n]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad(f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    base, data_size = 8 + n, size - 8 - n
+    n = header_length(bytes(view[:8]))
+    metas = parse_safetensors_header(bytes(view[:min(size, 8 + n)]), size, file_name=path.name)
     tensors: dict[str, torch.Tensor] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _ST_DTYPES[meta["dtype"]]
-            shape = [int(d) for d in meta["shape"]]
-            start, end = (int(o) for o in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {name!r} has a malformed entry") from None
-        count = math.prod(shape)
-        if min(shape, default=0) < 0 or not 0 <= start <= end <= data_size \
-                or end - start != count * dtype.itemsize:
-            raise bad(f"tensor {name!r}: offsets [{start}, {end}) do not hold {shape} "
-                      f"{meta['dtype']}")
-        chunk = raw[base + start:base + end]
-        if (base + start) % dtype.itemsize:
+    for name, meta in metas.items():
+        dtype = _TORCH_DTYPES.get(meta.dtype)
+        if dtype is None:
+            raise InvalidAdapter(f"{path.name}: tensor {name!r} is {meta.dtype}, which the "
+                                 "engine cannot read", details={"file": path.name,
+                                                                "tensor": name})
+        start = 8 + n + meta.offset
+        chunk = raw[start:start + meta.nbytes]
+        if start % dtype.itemsize:
             chunk = chunk.clone()
-        tensors[name] = chunk.view(dtype).view(shape)
+        tensors[name] = chunk.view(dtype).view(meta.shape)
     return tensors
 
 
@@ -532,7 +520,11 @@ class LoraContext:
             h = kernels.sgmv_shrink(xg, a, g.seg_start, g.seg_len, g.seg_slot, g.rank, g.max_seg)
             return kernels.sgmv_expand(h, b, g.seg_start, g.seg_len, g.seg_slot, g.rank,
                                        g.max_seg)
-        return self._mm(g, self._mm(g, xg, a[:, :g.rank].transpose(1, 2)), b[:, :g.rank])
+        return self._mm(g, self._shrink(g, xg, a), b[:, :g.rank])
+
+    def _shrink(self, g: _Group, xg: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``[Tg, rank]``: each row times its slot's A (torch path)."""
+        return self._mm(g, xg, a[:, :g.rank].transpose(1, 2))
 
     def _fused_shrink(self, g: _Group, xg: torch.Tensor, fused: torch.Tensor,
                       n: int) -> torch.Tensor:
@@ -562,7 +554,7 @@ class LoraContext:
                         and g.span is not None and size == y.shape[1]
                         and y.is_contiguous() and y.dtype == b.dtype):
                     # The whole output, rows in slot order: expand straight into it.
-                    h = self._mm(g, xg, self.slots.a[module][layer][:, :g.rank].transpose(1, 2))
+                    h = self._shrink(g, xg, self.slots.a[module][layer])
                     w = b[g.slot_run, :g.rank]
                     y[g.span].view(w.shape[0], -1, size).baddbmm_(
                         h.view(w.shape[0], -1, g.rank), w)
