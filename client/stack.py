@@ -491,6 +491,9 @@ def _run_demo(data_dir: Path, *, host: str, port_offset: int, once: bool, as_jso
         rows = route_prompts(running.stack.url("gateway"), demo_prompts(running.demo))
         running.timings["total"] = time.monotonic() - t0
         urls = running.urls()
+        # Set before printing: with unbuffered output (PYTHONUNBUFFERED) a reader may see the
+        # table, and send Ctrl-C, before the next statement runs.
+        shown = True
         if as_json:
             print(json.dumps({"urls": urls, "pushed": running.pushed,
                               "timings_s": {k: round(v, 2) for k, v in running.timings.items()},
@@ -506,7 +509,6 @@ def _run_demo(data_dir: Path, *, host: str, port_offset: int, once: bool, as_jso
             gw = urls["gateway"]
             print(f"\nTry: curl {gw}/v1/completions -H 'content-type: application/json' "
                   f"-d '{{\"model\": \"auto\", \"prompt\": \"SHOUT this: hello\\n\"}}'")
-        shown = True  # set before the flush: a reader may react to the output at once
         sys.stdout.flush()
         if once:
             return 0
