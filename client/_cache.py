@@ -310,19 +310,32 @@ class Cache:
 
     def local_sha256(self, path: Path) -> str:
         """sha256 of a local file, remembered by (real path, size, mtime)."""
-        real = Path(path).resolve()
-        st = os.stat(real)
-        memo = self.root / "hashes" / (hashlib.sha1(str(real).encode()).hexdigest() + ".json")
-        sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+        digest = self.known_sha256(path)
+        if digest is None:
+            real, sig = self._file_signature(path)
+            digest = hash_file(real).hexdigest()
+            self._memo(real).write_text(json.dumps({"sig": sig, "sha256": digest}))
+        return digest
+
+    def known_sha256(self, path: Path) -> str | None:
+        """The remembered sha256 of a local file, if it has not changed since."""
+        real, sig = self._file_signature(path)
         try:
-            rec = json.loads(memo.read_text())
+            rec = json.loads(self._memo(real).read_text())
             if rec.get("sig") == sig:
                 return rec["sha256"]
         except (OSError, ValueError, KeyError):
             pass
-        digest = hash_file(real).hexdigest()
-        memo.write_text(json.dumps({"sig": sig, "sha256": digest}))
-        return digest
+        return None
+
+    @staticmethod
+    def _file_signature(path: Path) -> tuple[Path, list[int]]:
+        real = Path(path).resolve()
+        st = os.stat(real)
+        return real, [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def _memo(self, real: Path) -> Path:
+        return self.root / "hashes" / (hashlib.sha1(str(real).encode()).hexdigest() + ".json")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -239,7 +239,8 @@ class Client:
             if total < self.settings.multipart_push_limit:
                 return push_multipart(self._http, repo, meta, files, bar)
             return push_manifest(self._http, self.cache, repo, meta, files,
-                                 parallel=self.settings.parallel_downloads, bar=bar)
+                                 parallel=self.settings.parallel_uploads, bar=bar,
+                                 hash_while_sending=self.settings.hash_while_sending)
         except httpx.TransportError as exc:
             raise transport_error(exc, self.url) from exc
         finally:

@@ -2,9 +2,12 @@
 
 Manifest first: the client sends every file's path, size and sha256; the registry answers with
 an upload id, the blobs it lacks and its part size; the client PUTs the missing parts in
-parallel (read with ``os.pread``) and commits. The upload id is kept in the cache under a key
-derived from the repository, metadata and manifest, so an interrupted push asks the registry
-what already arrived and sends only the rest.
+parallel (read with ``os.pread``) and commits. A large file whose hash the cache does not
+remember is listed without one and sent under a key the registry assigns while a thread hashes
+it; the hash is then declared, and if the registry already holds that blob the rest of the file
+is not sent. The upload id is kept in the cache under a key derived from the repository,
+metadata and manifest (a file sent before its hash by its size, mtime and inode), so an
+interrupted push asks the registry what already arrived and sends only the rest.
 """
 
 from __future__ import annotations
@@ -82,42 +85,75 @@ def upload_key(repo: str, metadata: dict[str, Any], manifest: list[dict[str, Any
 
 
 def push_manifest(http: httpx.Client, cache: Cache, repo: str, metadata: dict[str, Any],
-                  files: list[LocalFile], *, parallel: int = 4, bar=None) -> VersionInfo:
+                  files: list[LocalFile], *, parallel: int = 4, bar=None,
+                  hash_while_sending: int = 16 << 20) -> VersionInfo:
     """Manifest-first push, resuming an earlier interrupted push of the same manifest."""
-    manifest = [{"path": f.path, "size": f.size, "sha256": cache.local_sha256(f.local)}
-                for f in files]
-    state_path = cache.upload_state_path(upload_key(repo, metadata, manifest))
-    upload = _resume(http, state_path)
-    if upload is None:
-        r = http.post(f"/api/v1/repos/{repo}/-/uploads",
-                      json={"metadata": metadata, "files": manifest})
-        raise_for_status(r)
-        body = r.json()
-        upload = {"upload_id": body["upload_id"], "missing": list(body.get("missing", [])),
-                  "part_size": int(body["part_size"]), "received": {}}
-        _write_json(state_path, {"upload_id": upload["upload_id"],
-                                 "part_size": upload["part_size"]})
-    upload_id, part_size = upload["upload_id"], max(1, int(upload["part_size"]))
-    local_by_sha = {m["sha256"]: (f, m["size"]) for f, m in zip(files, manifest)}
-    jobs = _jobs(upload, local_by_sha, part_size)
-    if bar is not None:
-        bar.update(max(0, sum(f.size for f in files) - sum(
-            min(part_size, f.size - k * part_size) for f, _s, k in jobs)))
-    for attempt in range(2):
-        _send_parts(http, upload_id, part_size, jobs, parallel, bar)
-        r = http.post(f"/api/v1/uploads/{upload_id}/commit")
-        try:
+    known = {f.path: cache.known_sha256(f.local) for f in files}
+    later = [f for f in files if known[f.path] is None and f.size >= hash_while_sending]
+    with ThreadPoolExecutor(1, thread_name_prefix="quiver-hash") as hasher:
+        hashing = {f.path: hasher.submit(cache.local_sha256, f.local) for f in later}
+        for f in files:
+            if known[f.path] is None and f.path not in hashing:
+                known[f.path] = cache.local_sha256(f.local)
+        manifest = [{"path": f.path, "size": f.size, "sha256": known[f.path]} for f in files]
+        # Large files by size, inode and mtime: a resumed push finds its upload whether or not
+        # the hash was remembered by then.
+        keyed = [{**m, "sha256": None, "stat": _stat_key(f.local)}
+                 if f.size >= hash_while_sending else m for f, m in zip(files, manifest)]
+        state_path = cache.upload_state_path(upload_key(repo, metadata, keyed))
+        upload = _resume(http, state_path)
+        if upload is None:
+            r = http.post(f"/api/v1/repos/{repo}/-/uploads",
+                          json={"metadata": metadata, "files": manifest})
             raise_for_status(r)
-            break
-        except (Conflict, ChecksumMismatch):
-            # The registry lacks parts, or dropped a blob whose bytes did not match: ask
-            # what it still needs and send that once more.
-            again = _resume(http, state_path) if attempt == 0 else None
-            if again is None:
-                raise
-            jobs = _jobs(again, local_by_sha, part_size)
+            body = r.json()
+            upload = {"upload_id": body["upload_id"], "missing": list(body.get("missing", [])),
+                      "part_size": int(body["part_size"]), "received": {},
+                      "deferred": dict(body.get("deferred") or {})}
+            _write_json(state_path, {"upload_id": upload["upload_id"],
+                                     "part_size": upload["part_size"]})
+        upload_id, part_size = upload["upload_id"], max(1, int(upload["part_size"]))
+        deferred: dict[str, str] = upload["deferred"]
+        by_path = {f.path: f for f in files}
+        local_by_key = {deferred.get(f.path) or known[f.path]: (f, f.size) for f in files}
+        skip: set[str] = set()
+
+        def declare() -> None:
+            """Wait for the hashes of the files sent before them and declare them."""
+            if not deferred:
+                return
+            digests = {p: (hashing[p].result() if p in hashing
+                           else cache.local_sha256(by_path[p].local)) for p in deferred}
+            r = http.post(f"/api/v1/uploads/{upload_id}/declare", json={"files": digests})
+            raise_for_status(r)
+            for p in r.json().get("present", []):
+                skip.add(deferred[p])
+
+        jobs = _jobs(upload, local_by_key, part_size)
+        if bar is not None:
+            bar.update(max(0, sum(f.size for f in files) - sum(
+                min(part_size, f.size - k * part_size) for f, _s, k in jobs)))
+        for attempt in range(2):
+            _send_parts(http, upload_id, part_size, jobs, parallel, bar, skip=skip,
+                        meanwhile=declare if attempt == 0 else None)
+            r = http.post(f"/api/v1/uploads/{upload_id}/commit")
+            try:
+                raise_for_status(r)
+                break
+            except (Conflict, ChecksumMismatch):
+                # The registry lacks parts, or dropped a blob whose bytes did not match: ask
+                # what it still needs and send that once more.
+                again = _resume(http, state_path) if attempt == 0 else None
+                if again is None:
+                    raise
+                jobs = _jobs(again, local_by_key, part_size)
     state_path.unlink(missing_ok=True)
     return VersionInfo.model_validate(r.json())
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_ino, st.st_mtime_ns]
 
 
 def _jobs(upload: dict[str, Any], local_by_sha: dict[str, tuple[LocalFile, int]],
@@ -150,21 +186,32 @@ def _resume(http: httpx.Client, state_path: Path) -> dict[str, Any] | None:
         return None
     return {"upload_id": body["upload_id"], "missing": list(body.get("missing", [])),
             "part_size": int(body.get("part_size") or saved["part_size"]),
-            "received": {k: list(v) for k, v in (body.get("received") or {}).items()}}
+            "received": {k: list(v) for k, v in (body.get("received") or {}).items()},
+            "deferred": dict(body.get("deferred") or {})}
 
 
 def _send_parts(http: httpx.Client, upload_id: str, part_size: int,
-                jobs: list[tuple[LocalFile, str, int]], parallel: int, bar) -> None:
+                jobs: list[tuple[LocalFile, str, int]], parallel: int, bar, *,
+                skip: set[str] | None = None, meanwhile=None) -> None:
+    """PUT every job's part, ``parallel`` at a time, leaving out the keys in ``skip`` (which
+    may grow meanwhile); ``meanwhile`` runs in this thread while the parts go out."""
+    skip = skip if skip is not None else set()
     if not jobs:
+        if meanwhile is not None:
+            meanwhile()
         return
     failed = threading.Event()
 
     def send(job: tuple[LocalFile, str, int]) -> None:
         f, sha, k = job
-        if failed.is_set():
-            return
         offset = k * part_size
         length = max(0, min(part_size, f.size - offset))
+        if failed.is_set():
+            return
+        if sha in skip:            # the registry holds this blob already
+            if bar is not None:
+                bar.update(length)
+            return
         url = f"/api/v1/uploads/{upload_id}/blobs/{sha}/parts/{k}"
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
         for attempt in range(_ATTEMPTS):
@@ -187,6 +234,8 @@ def _send_parts(http: httpx.Client, upload_id: str, part_size: int,
     with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="quiver-up") as pool:
         futures = [pool.submit(send, j) for j in jobs]
         try:
+            if meanwhile is not None:
+                meanwhile()
             for fut in futures:
                 fut.result()
         except BaseException:

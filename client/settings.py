@@ -75,16 +75,23 @@ class ClientSettings(BaseQuiverSettings):
     token: str | None = None
     cache_dir: Path = Path("~/.cache/quiver")
     config_file: Path = _DEFAULT_CONFIG
-    # Concurrent connections for one large file (ranged GETs) or one upload (parts); by
-    # default 4, or the number of CPUs when fewer (each connection needs a core on loopback).
+    # Concurrent connections for one large download (ranged GETs); by default 4, or the
+    # number of CPUs when fewer (each connection needs a core on loopback).
     parallel_downloads: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)),
                                     ge=1, le=64)
+    # Concurrent part uploads of one push. One by default: the registry hashes a blob's parts
+    # in order as they arrive (parts sent side by side are hashed again when committing), and
+    # one stream kept a loopback push at the speed of a plain PUT where two did not.
+    parallel_uploads: int = Field(default=1, ge=1, le=64)
     # Bytes per ranged GET of a large download; uploads use the registry's part size.
     part_size: int = Field(default=32 << 20, ge=1 << 16)
     # Files at least this large are fetched with parallel ranged GETs.
     parallel_threshold: int = Field(default=64 << 20, ge=0)
     # Pushes whose files total at least this many bytes go manifest-first.
     multipart_push_limit: int = Field(default=16 << 20, ge=0)
+    # In a manifest-first push, files at least this large whose sha256 is not remembered are
+    # sent while they are hashed; the hash is declared once known.
+    hash_while_sending: int = Field(default=16 << 20, ge=0)
     timeout: float = 60.0
 
     @classmethod

@@ -27,7 +27,8 @@ from quiver.refs import parse_repo
 from quiver.registry import crud, pipeline
 from quiver.registry.auth import Principal
 from quiver.registry.deps import RegistryDep, Writer
-from quiver.registry.models import Blob, ManifestFile, PushMetadata, Upload, UploadCreate, Version
+from quiver.registry.models import (Blob, HashDeclaration, ManifestFile, PushMetadata, Upload,
+                                    UploadCreate, Version)
 from quiver.registry.state import Registry
 from quiver.registry.storage.base import CHUNK_SIZE, PartAssembler, check_sha256
 from quiver.registry.safetensors_check import header_length, parse_safetensors_header
@@ -112,7 +113,8 @@ async def push(repo: str, request: Request, reg: RegistryDep, principal: Writer)
         facts = await inspect_adapter(meta, sources, ctx.base,
                                       max_json_bytes=settings.max_json_bytes)
         # An open upload row shields the new blobs from collection until the version exists.
-        upload = await _insert_upload(reg, repo, meta, files, principal.name)
+        upload = await _insert_upload(reg, uuid.uuid4().hex, repo, meta,
+                                      [f.model_dump() for f in files], principal.name)
         try:
             for f in files:
                 await _store_blob(reg, f, _upload_chunks(by_path[f.path]))
@@ -153,22 +155,56 @@ async def _store_blob(reg: Registry, f: ManifestFile, chunks: AsyncIterator[byte
 
 # --- manifest first ----------------------------------------------------------------------------
 
+# A file listed without its sha256 is staged under a key of its own (``_staging_key``, kept in
+# its entry's "sha256" with "staged": true) until the client declares the hash ("declared").
+# Its parts travel under that key; completing verifies them against the declared hash.
+
+def _staging_key(upload_id: str, path: str) -> str:
+    return hashlib.sha256(f"quiver-staged\0{upload_id}\0{path}".encode()).hexdigest()
+
+
 def _files(upload: Upload) -> list[ManifestFile]:
-    return [ManifestFile.model_validate(f) for f in upload.files]
+    """The upload's files by their content hashes; Conflict while a hash is undeclared."""
+    undeclared = [f["path"] for f in upload.files if f.get("staged") and not f.get("declared")]
+    if undeclared:
+        raise Conflict(f"upload {upload.id} has files whose sha256 was never declared",
+                       details={"upload_id": upload.id, "undeclared": undeclared})
+    return [ManifestFile(path=f["path"], size=f["size"],
+                         sha256=f["declared"] if f.get("staged") else f["sha256"])
+            for f in upload.files]
+
+
+def _staged(upload: Upload) -> dict[str, str]:
+    """Declared sha256 -> the key its parts were sent under."""
+    return {f["declared"]: f["sha256"] for f in upload.files
+            if f.get("staged") and f.get("declared")}
 
 
 def _blob_sizes(upload: Upload) -> dict[str, int]:
+    """Sizes by the key parts are sent under (a staging key for a file listed without hash)."""
     return {f["sha256"]: f["size"] for f in upload.files}
+
+
+async def _wanted(reg: Registry, upload: Upload) -> list[str]:
+    """The keys whose parts the registry still needs: blobs it lacks, and staged files unless
+    their declared blob is already stored."""
+    declared = [f["declared"] for f in upload.files if f.get("staged") and f.get("declared")]
+    known = [f["sha256"] for f in upload.files if not f.get("staged")]
+    lacking = set(await _missing(reg, list(dict.fromkeys(known + declared))))
+    out = [sha for sha in dict.fromkeys(known) if sha in lacking]
+    out += [f["sha256"] for f in upload.files if f.get("staged")
+            and (not f.get("declared") or f["declared"] in lacking)]
+    return out
 
 
 def _part_count(size: int, part_size: int) -> int:
     return max(1, math.ceil(size / part_size))
 
 
-async def _insert_upload(reg: Registry, repo: str, meta: PushMetadata, files: list[ManifestFile],
-                         pushed_by: str) -> Upload:
-    upload = Upload(id=uuid.uuid4().hex, repo=repo, meta=meta.model_dump(mode="json"),
-                    files=[f.model_dump() for f in files], part_size=reg.settings.part_size,
+async def _insert_upload(reg: Registry, upload_id: str, repo: str, meta: PushMetadata,
+                         files: list[dict[str, Any]], pushed_by: str) -> Upload:
+    upload = Upload(id=upload_id, repo=repo, meta=meta.model_dump(mode="json"),
+                    files=files, part_size=reg.settings.part_size,
                     pushed_by=pushed_by,
                     expires_at=datetime.now(UTC) + timedelta(seconds=reg.settings.upload_ttl_s))
 
@@ -212,20 +248,60 @@ def _require_open(upload: Upload) -> None:
 @router.post("/api/v1/repos/{repo:path}/-/uploads", status_code=201)
 async def create_upload(repo: str, body: UploadCreate, reg: RegistryDep,
                         principal: Writer) -> dict[str, Any]:
-    """Start a push from its manifest; answers which blobs the registry lacks."""
+    """Start a push from its manifest; answers which blobs the registry lacks, and the key to
+    send each file listed without a sha256 under (``deferred``)."""
     settings = reg.settings
     files = check_manifest(body.metadata, body.files, max_file_bytes=settings.max_file_bytes,
                            max_push_bytes=settings.max_push_bytes)
     await pipeline.prepare_push(reg, repo=repo, meta=body.metadata, principal=principal)
-    distinct = list(dict.fromkeys(f.sha256 for f in files))
     sizes: dict[str, int] = {}
     for f in files:
-        if sizes.setdefault(f.sha256, f.size) != f.size:
+        if f.sha256 is not None and sizes.setdefault(f.sha256, f.size) != f.size:
             raise InvalidRequest(f"sha256 {f.sha256} is listed with two sizes",
                                  details={"sha256": f.sha256})
-    upload = await _insert_upload(reg, repo, body.metadata, files, principal.name)
-    return {"upload_id": upload.id, "missing": await _missing(reg, distinct),
-            "part_size": upload.part_size, "expires_at": upload.expires_at.isoformat()}
+    upload_id = uuid.uuid4().hex
+    entries: list[dict[str, Any]] = []
+    deferred: dict[str, str] = {}
+    for f in files:
+        if f.sha256 is None:
+            deferred[f.path] = _staging_key(upload_id, f.path)
+            entries.append({"path": f.path, "size": f.size, "sha256": deferred[f.path],
+                            "staged": True, "declared": None})
+        else:
+            entries.append({"path": f.path, "size": f.size, "sha256": f.sha256})
+    upload = await _insert_upload(reg, upload_id, repo, body.metadata, entries, principal.name)
+    return {"upload_id": upload.id, "missing": await _wanted(reg, upload),
+            "deferred": deferred, "part_size": upload.part_size,
+            "expires_at": upload.expires_at.isoformat()}
+
+
+@router.post("/api/v1/uploads/{upload_id}/declare")
+async def declare_hashes(upload_id: str, body: HashDeclaration, reg: RegistryDep,
+                         principal: Writer) -> dict[str, Any]:
+    """Record the sha256 of files listed without one; answers which of them the registry
+    already holds: their parts need not be sent (any already sent are dropped on commit)."""
+    async with reg.commit_lock(upload_id):
+        upload = await _load_upload(reg, upload_id)
+        principal.require_write(upload.repo)
+        _require_open(upload)
+        staged = {f["path"]: f for f in upload.files if f.get("staged")}
+        unknown = sorted(p for p in body.files if p not in staged)
+        if unknown:
+            raise InvalidRequest(f"upload {upload_id} lists no file awaiting a hash at "
+                                 f"{', '.join(map(repr, unknown))}",
+                                 details={"upload_id": upload_id, "paths": unknown})
+        files = [dict(f, declared=body.files[f["path"]]) if f["path"] in body.files else f
+                 for f in upload.files]
+
+        def update(session: Session) -> None:
+            row = session.get(Upload, upload_id)
+            row.files = files
+            session.add(row)
+            session.commit()
+
+        await reg.db.run(update)
+        lacking = set(await _missing(reg, list(set(body.files.values()))))
+    return {"present": sorted(p for p, sha in body.files.items() if sha not in lacking)}
 
 
 async def _counted(stream: AsyncIterator[bytes], expected: int) -> AsyncIterator[bytes]:
@@ -316,11 +392,14 @@ async def get_upload(upload_id: str, reg: RegistryDep, principal: Writer) -> dic
     """What an upload still lacks, to resume it."""
     upload = await _load_upload(reg, upload_id)
     principal.require_write(upload.repo)
-    sizes = _blob_sizes(upload)
-    missing = await _missing(reg, list(sizes)) if upload.state == "open" else []
+    missing = await _wanted(reg, upload) if upload.state == "open" else []
     received = {sha: await reg.store.list_parts(upload_id, sha) for sha in missing}
+    staged = [f for f in upload.files if f.get("staged")]
     out: dict[str, Any] = {"upload_id": upload.id, "repo": upload.repo, "state": upload.state,
                            "missing": missing, "received": received,
+                           "deferred": {f["path"]: f["sha256"] for f in staged},
+                           "declared": {f["path"]: f["declared"] for f in staged
+                                        if f.get("declared")},
                            "part_size": upload.part_size,
                            "expires_at": upload.expires_at.isoformat()}
     if upload.version_id is not None:
@@ -350,21 +429,23 @@ async def _commit(reg: Registry, upload_id: str, principal: Principal) -> Versio
         return info
     _require_open(upload)
     files = _files(upload)
-    sizes = _blob_sizes(upload)
+    sizes = {f.sha256: f.size for f in files}
+    staged = _staged(upload)
     missing = await _missing(reg, list(sizes))
     incomplete: dict[str, list[int]] = {}
     for sha in missing:
-        have = set(await reg.store.list_parts(upload_id, sha))
+        key = staged.get(sha, sha)
+        have = set(await reg.store.list_parts(upload_id, key))
         lacking = [k for k in range(_part_count(sizes[sha], upload.part_size)) if k not in have]
         if lacking:
-            incomplete[sha] = lacking
+            incomplete[key] = lacking
     if incomplete:
         raise Conflict(f"upload {upload_id} lacks parts of {len(incomplete)} blob(s)",
                        details={"missing_parts": incomplete})
     ctx = await pipeline.prepare_push(reg, repo=upload.repo, meta=meta, principal=principal)
     for sha in missing:     # a checksum mismatch drops that blob's parts: the client resends
         await reg.store.complete_parts(upload_id, sha, _part_count(sizes[sha], upload.part_size),
-                                       sizes[sha])
+                                       sizes[sha], staged_as=staged.get(sha))
         await reg.db.run(lambda s, sha=sha: crud.record_blob(s, sha256=sha, size=sizes[sha]))
     sources = {f.path: _blob_source(reg, f) for f in files}
     try:

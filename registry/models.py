@@ -12,7 +12,7 @@ and ``version_count`` are kept on the repo row so listings never aggregate per r
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field as PydanticField, field_validator
 from sqlalchemy import JSON, BigInteger, DateTime, Index, UniqueConstraint
@@ -185,9 +185,23 @@ class ManifestFile(BaseModel):
     sha256: str = PydanticField(pattern=r"^[0-9a-f]{64}$")
 
 
+class ManifestEntry(BaseModel):
+    """A file of a manifest-first push; ``sha256`` may be left out and declared later (with
+    ``POST /uploads/{id}/declare``), so a client can send a large file while still hashing it."""
+
+    path: str = PydanticField(min_length=1, max_length=255)
+    size: int = PydanticField(ge=0)
+    sha256: str | None = PydanticField(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
 class UploadCreate(BaseModel):
     metadata: PushMetadata
-    files: list[ManifestFile] = PydanticField(min_length=1, max_length=1000)
+    files: list[ManifestEntry] = PydanticField(min_length=1, max_length=1000)
+
+
+class HashDeclaration(BaseModel):
+    files: dict[str, Annotated[str, PydanticField(pattern=r"^[0-9a-f]{64}$")]] = PydanticField(
+        min_length=1, max_length=1000)
 
 
 class AliasUpdate(BaseModel):

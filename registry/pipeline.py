@@ -95,6 +95,7 @@ def _protected_shas(session: Session) -> set[str]:
     out: set[str] = set()
     for files in session.exec(select(Upload.files).where(Upload.state == "open")):
         out.update(f["sha256"] for f in files)
+        out.update(f["declared"] for f in files if f.get("declared"))   # hashes sent later
     return out
 
 

@@ -222,8 +222,11 @@ class BlobStore(Protocol):
     async def list_parts(self, upload_key: str, sha256: str) -> list[int]: ...
 
     async def complete_parts(self, upload_key: str, sha256: str, part_count: int,
-                             expected_size: int) -> tuple[str, int]:
-        """Assemble parts 0..part_count-1, verify, publish, and drop the parts."""
+                             expected_size: int, *, staged_as: str | None = None
+                             ) -> tuple[str, int]:
+        """Assemble parts 0..part_count-1, verify them against ``sha256``, publish, and drop
+        the parts. ``staged_as`` names the parts when they were sent under another key than
+        the blob's sha256 (a file whose hash was declared after its bytes)."""
         ...
 
     async def abort_parts(self, upload_key: str, sha256: str | None = None) -> None:

@@ -379,9 +379,11 @@ class S3BlobStore:
         return await self._run(listing)
 
     async def complete_parts(self, upload_key: str, sha256: str, part_count: int,
-                             expected_size: int) -> tuple[str, int]:
-        prefix = _parts_prefix(upload_key, sha256)
-        check_parts_complete(sha256, set(await self.list_parts(upload_key, sha256)), part_count)
+                             expected_size: int, *, staged_as: str | None = None
+                             ) -> tuple[str, int]:
+        key = check_sha256(staged_as) if staged_as is not None else sha256
+        prefix = _parts_prefix(upload_key, key)
+        check_parts_complete(sha256, set(await self.list_parts(upload_key, key)), part_count)
 
         def part_bytes() -> Iterator[bytes]:
             for k in range(part_count):
@@ -404,9 +406,9 @@ class S3BlobStore:
         try:
             await self._run(assemble)
         except (ChecksumMismatch, InvalidRequest):
-            await self.abort_parts(upload_key, sha256)
+            await self.abort_parts(upload_key, key)
             raise
-        await self.abort_parts(upload_key, sha256)
+        await self.abort_parts(upload_key, key)
         return sha256, expected_size
 
     async def abort_parts(self, upload_key: str, sha256: str | None = None) -> None:

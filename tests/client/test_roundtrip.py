@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -19,17 +21,20 @@ from quiver.errors import (
 class Recorder(httpx.HTTPTransport):
     """A real HTTP transport that remembers every request and can fail chosen ones."""
 
-    def __init__(self, crash_after_parts: int | None = None):
+    def __init__(self, crash_after_parts: int | None = None, part_delay: float = 0.0):
         super().__init__()
         self.requests: list[tuple[str, str, str | None]] = []
         self.parts_ok: list[str] = []
         self.crash_after_parts = crash_after_parts
+        self.part_delay = part_delay
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if "/parts/" in path and self.crash_after_parts is not None \
                 and len(self.parts_ok) >= self.crash_after_parts:
             raise RuntimeError("simulated crash")
+        if "/parts/" in path:
+            time.sleep(self.part_delay)
         self.requests.append((request.method, path, request.headers.get("range")))
         response = super().handle_request(request)
         if "/parts/" in path and response.status_code == 200:
@@ -95,7 +100,7 @@ def test_interrupted_push_resumes_without_resending_parts(registry, tiny_base, t
     size = (adapter / "adapter_model.safetensors").stat().st_size
     assert size > 5 * 64 * 1024      # several 64 KiB parts
     crash = Recorder(crash_after_parts=3)
-    with _client(registry, transport=crash, multipart_push_limit=0, parallel_downloads=1) as c:
+    with _client(registry, transport=crash, multipart_push_limit=0, parallel_uploads=1) as c:
         with pytest.raises(RuntimeError, match="simulated crash"):
             c.push(adapter, "team/resume-push", base_model=tiny_base)
     sent_first = set(crash.parts_ok)
@@ -104,7 +109,7 @@ def test_interrupted_push_resumes_without_resending_parts(registry, tiny_base, t
         _client(registry).list_versions("team/resume-push")
 
     again = Recorder()
-    with _client(registry, transport=again, multipart_push_limit=0, parallel_downloads=4) as c:
+    with _client(registry, transport=again, multipart_push_limit=0, parallel_uploads=4) as c:
         info = c.push(adapter, "team/resume-push", base_model=tiny_base)
         assert info.ref == "team/resume-push/1"
         path = c.pull(info.ref)
@@ -112,6 +117,51 @@ def test_interrupted_push_resumes_without_resending_parts(registry, tiny_base, t
     assert len(sent_first) + len(again.parts_ok) == -(-size // (64 * 1024)) + 1  # + config
     assert _files(path) == _files(adapter)
     assert not any(p.name.endswith(".json") for p in (c.cache.root / "uploads").iterdir())
+
+
+def test_push_sends_files_while_hashing_them_and_resumes(registry, tiny_base, tmp_path):
+    adapter = write_demo_adapter(tmp_path / "big", _tiny_config(), r=128,
+                                 modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=11)
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    w_sha = hashlib.sha256(weights).hexdigest()
+    opts = dict(multipart_push_limit=0, parallel_uploads=1, hash_while_sending=0,
+                cache_dir=tmp_path / "cache")
+    crash = Recorder(crash_after_parts=3)
+    with _client(registry, transport=crash, **opts) as c:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            c.push(adapter, "team/hash-later", base_model=tiny_base)
+    assert len(crash.parts_ok) == 3
+    assert not any(w_sha in p for p in crash.parts_ok)     # sent under the registry's key
+
+    again = Recorder()
+    with _client(registry, transport=again, **opts) as c:
+        info = c.push(adapter, "team/hash-later", base_model=tiny_base)
+        path = c.pull(info.ref)
+    assert any(r[1].endswith("/declare") for r in again.requests)
+    assert not set(crash.parts_ok) & set(again.parts_ok)
+    by_key = Counter(p.split("/blobs/")[1].split("/")[0] for p in crash.parts_ok + again.parts_ok)
+    assert max(by_key.values()) == -(-len(weights) // (64 * 1024))   # each part sent once
+    assert {f.path: f.sha256 for f in info.files} == {
+        name: hashlib.sha256(data).hexdigest() for name, data in _files(adapter).items()}
+    assert _files(path) == _files(adapter)
+
+
+def test_declared_hash_of_a_stored_blob_stops_the_upload(registry, tiny_base, tmp_path):
+    adapter = write_demo_adapter(tmp_path / "big", _tiny_config(), r=128,
+                                 modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=12)
+    size = (adapter / "adapter_model.safetensors").stat().st_size
+    with _client(registry, multipart_push_limit=0, cache_dir=tmp_path / "c1") as c:
+        first = c.push(adapter, "team/dedup-a", base_model=tiny_base)
+    # A fresh cache does not remember the hashes; each part waits long enough for the
+    # declaration to come back first.
+    slow = Recorder(part_delay=0.3)
+    with _client(registry, transport=slow, multipart_push_limit=0, parallel_uploads=1,
+                 hash_while_sending=0, cache_dir=tmp_path / "c2") as c:
+        second = c.push(adapter, "team/dedup-b", base_model=tiny_base)
+    assert second.ref == "team/dedup-b/1"
+    assert [f.sha256 for f in second.files] == [f.sha256 for f in first.files]
+    assert -(-size // (64 * 1024)) >= 5
+    assert len(slow.parts_ok) <= 1       # at most the part already on its way
 
 
 def test_listing_aliases_archive_delete(registry, tiny_base, tmp_path):

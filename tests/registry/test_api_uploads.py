@@ -141,6 +141,87 @@ async def test_corrupt_part_is_refused_and_can_be_resent(harness_factory, store_
         assert_error(await c.get("/api/v1/uploads/nope", headers=AUTH), 404, "upload_not_found")
 
 
+async def send_parts_under(c, upload_id: str, key: str, data: bytes) -> None:
+    for k, chunk in enumerate(parts_of(data)):
+        r = await c.put(f"/api/v1/uploads/{upload_id}/blobs/{key}/parts/{k}", content=chunk,
+                        headers=AUTH)
+        assert r.status_code == 200, r.text
+
+
+async def test_file_sent_before_its_hash_is_declared(harness_factory, store_kw, tiny_llama,
+                                                     lora_adapter):
+    files = folder_files(lora_adapter)
+    weights = files["adapter_model.safetensors"]
+    w_sha = hashlib.sha256(weights).hexdigest()
+    entries = [{**e, "sha256": None} if e["path"] == "adapter_model.safetensors" else e
+               for e in manifest(files)]
+    async with harness_factory(part_size=PART, **store_kw) as h:
+        c = h.client
+        await register_base(c, tiny_llama)
+        r = await c.post("/api/v1/repos/late/-/uploads", headers=AUTH,
+                         json={"metadata": {"base_model": BASE}, "files": entries})
+        assert r.status_code == 201, r.text
+        up = r.json()
+        uid, key = up["upload_id"], up["deferred"]["adapter_model.safetensors"]
+        assert key != w_sha and key in up["missing"]
+        await send_parts_under(c, uid, key, weights)
+        for path, data in files.items():
+            if path != "adapter_model.safetensors":
+                await send_parts(c, uid, data)
+
+        err = assert_error(await c.post(f"/api/v1/uploads/{uid}/commit", headers=AUTH), 409,
+                           "conflict")
+        assert err["details"]["undeclared"] == ["adapter_model.safetensors"]
+        declare = f"/api/v1/uploads/{uid}/declare"
+        err = assert_error(await c.post(declare, headers=AUTH, json={
+            "files": {"adapter_config.json": w_sha}}), 400, "invalid_request")
+        assert err["details"]["paths"] == ["adapter_config.json"]
+        assert_error(await c.post(declare, headers=AUTH, json={
+            "files": {"adapter_model.safetensors": "XYZ"}}), 400, "invalid_request")
+        assert_error(await c.post(declare, json={
+            "files": {"adapter_model.safetensors": w_sha}}), 401, "unauthorized")
+
+        # A wrong hash: the bytes do not match it, nothing is published, the parts are dropped.
+        r = await c.post(declare, headers=AUTH, json={
+            "files": {"adapter_model.safetensors": "0" * 64}})
+        assert r.status_code == 200 and r.json() == {"present": []}
+        assert_error(await c.post(f"/api/v1/uploads/{uid}/commit", headers=AUTH), 422,
+                     "checksum_mismatch")
+        assert_error(await c.get("/api/v1/resolve/late"), 404, "repo_not_found")
+        assert_error(await c.get(f"/api/v1/blobs/{'0' * 64}"), 404, "blob_not_found")
+        state = (await c.get(f"/api/v1/uploads/{uid}", headers=AUTH)).json()
+        assert state["received"][key] == [] and state["deferred"] == {
+            "adapter_model.safetensors": key}
+
+        # Sent again and declared rightly, the file is stored under its own hash.
+        await send_parts_under(c, uid, key, weights)
+        r = await c.post(declare, headers=AUTH, json={
+            "files": {"adapter_model.safetensors": w_sha}})
+        assert r.json() == {"present": []}
+        r = await c.post(f"/api/v1/uploads/{uid}/commit", headers=AUTH)
+        assert r.status_code == 201, r.text
+        info = r.json()
+        assert info["ref"] == "late/1"
+        assert {f["path"]: f["sha256"] for f in info["files"]}["adapter_model.safetensors"] == w_sha
+        assert (await c.get(f"/api/v1/blobs/{w_sha}")).content == weights
+        assert_error(await c.get(f"/api/v1/blobs/{key}"), 404, "blob_not_found")
+
+        # Declaring a hash the registry holds answers "present": nothing more needs sending.
+        up = (await c.post("/api/v1/repos/late2/-/uploads", headers=AUTH, json={
+            "metadata": {"base_model": BASE}, "files": entries})).json()
+        key2 = up["deferred"]["adapter_model.safetensors"]
+        await send_parts_under(c, up["upload_id"], key2, weights[:PART])
+        r = await c.post(f"/api/v1/uploads/{up['upload_id']}/declare", headers=AUTH,
+                         json={"files": {"adapter_model.safetensors": w_sha}})
+        assert r.json() == {"present": ["adapter_model.safetensors"]}
+        state = (await c.get(f"/api/v1/uploads/{up['upload_id']}", headers=AUTH)).json()
+        assert state["missing"] == [] and state["declared"] == {
+            "adapter_model.safetensors": w_sha}
+        r = await c.post(f"/api/v1/uploads/{up['upload_id']}/commit", headers=AUTH)
+        assert r.status_code == 201 and r.json()["revision"] != info["revision"]
+        assert await h.registry.store.list_parts(up["upload_id"], key2) == []
+
+
 async def test_single_request_push_on_both_stores(harness_factory, store_kw, tiny_llama,
                                                   lora_adapter):
     files = folder_files(lora_adapter)
