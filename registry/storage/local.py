@@ -13,8 +13,10 @@ Layout under ``root``::
 A blob's parts are staged one way or the other: as separate files (``put_part``), concatenated
 when completed, or written in place into one preallocated assembly file (``put_part_at``), which
 completing hashes once and renames into ``blobs/`` without copying. A part's marker is removed
-before its bytes are (re)written and created only once they are all written (and flushed), so
-a part torn by a crash is never counted. Part writers hold a shared ``flock`` on the assembly
+before its bytes are (re)written and created only once they are all written, so a part torn by
+a crashed process is never counted. Each part's flush to disk is started when it is sealed and
+awaited by the fsync before publishing; should a power loss leave a marker whose bytes never
+reached the disk, completing finds the hash wrong and drops the parts to be sent again. Part writers hold a shared ``flock`` on the assembly
 and completing holds an exclusive one, so no byte changes between hashing and publishing.
 
 Parts that arrive in order are hashed as they pass (a running sha256 of the received prefix,
@@ -453,8 +455,8 @@ class LocalBlobStore:
 
     def _seal_slot(self, fd: int, parts: Path, part_number: int, prefix: _Prefix | None,
                    part_size: int, blob_size: int) -> None:
-        """Flush the part's bytes, then mark it received; extend the running hash over this
-        part and the received parts after it."""
+        """Start the part's flush to disk, then mark it received; extend the running hash over
+        this part and the received parts after it."""
         if self.fsync:
             _start_writeback(fd, part_number * part_size,
                              part_length(part_number, part_size, blob_size))
