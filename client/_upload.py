@@ -115,7 +115,9 @@ def push_manifest(http: httpx.Client, cache: Cache, repo: str, metadata: dict[st
         upload_id, part_size = upload["upload_id"], max(1, int(upload["part_size"]))
         deferred: dict[str, str] = upload["deferred"]
         by_path = {f.path: f for f in files}
-        local_by_key = {deferred.get(f.path) or known[f.path]: (f, f.size) for f in files}
+        # A resumed upload may hold with its hash a file this push began to send without one.
+        local_by_key = {deferred.get(f.path) or known[f.path] or hashing[f.path].result():
+                        (f, f.size) for f in files}
         skip: set[str] = set()
 
         def declare() -> None:
