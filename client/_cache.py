@@ -310,32 +310,34 @@ class Cache:
 
     def local_sha256(self, path: Path) -> str:
         """sha256 of a local file, remembered by (real path, size, mtime)."""
-        digest = self.known_sha256(path)
+        real, sig, memo = self._hash_memo(path)
+        digest = _remembered(memo, sig)
         if digest is None:
-            real, sig = self._file_signature(path)
             digest = hash_file(real).hexdigest()
-            self._memo(real).write_text(json.dumps({"sig": sig, "sha256": digest}))
+            memo.write_text(json.dumps({"sig": sig, "sha256": digest}))
         return digest
 
     def known_sha256(self, path: Path) -> str | None:
         """The remembered sha256 of a local file, if it has not changed since."""
-        real, sig = self._file_signature(path)
-        try:
-            rec = json.loads(self._memo(real).read_text())
-            if rec.get("sig") == sig:
-                return rec["sha256"]
-        except (OSError, ValueError, KeyError):
-            pass
-        return None
+        _real, sig, memo = self._hash_memo(path)
+        return _remembered(memo, sig)
 
-    @staticmethod
-    def _file_signature(path: Path) -> tuple[Path, list[int]]:
+    def _hash_memo(self, path: Path) -> tuple[Path, list[int], Path]:
+        """(real path, its signature, the file remembering its hash)."""
         real = Path(path).resolve()
         st = os.stat(real)
-        return real, [st.st_size, st.st_mtime_ns, st.st_ino]
+        memo = self.root / "hashes" / (hashlib.sha1(str(real).encode()).hexdigest() + ".json")
+        return real, [st.st_size, st.st_mtime_ns, st.st_ino], memo
 
-    def _memo(self, real: Path) -> Path:
-        return self.root / "hashes" / (hashlib.sha1(str(real).encode()).hexdigest() + ".json")
+
+def _remembered(memo: Path, sig: list[int]) -> str | None:
+    try:
+        rec = json.loads(memo.read_text())
+        if rec.get("sig") == sig:
+            return rec["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -115,17 +115,23 @@ def push_manifest(http: httpx.Client, cache: Cache, repo: str, metadata: dict[st
         upload_id, part_size = upload["upload_id"], max(1, int(upload["part_size"]))
         deferred: dict[str, str] = upload["deferred"]
         by_path = {f.path: f for f in files}
+
+        def digest(path: str) -> str:
+            """A file's sha256, waiting for the thread hashing it if need be."""
+            if known[path] is None:
+                known[path] = (hashing[path].result() if path in hashing
+                               else cache.local_sha256(by_path[path].local))
+            return known[path]
+
         # A resumed upload may hold with its hash a file this push began to send without one.
-        local_by_key = {deferred.get(f.path) or known[f.path] or hashing[f.path].result():
-                        (f, f.size) for f in files}
+        local_by_key = {deferred.get(f.path) or digest(f.path): (f, f.size) for f in files}
         skip: set[str] = set()
 
         def declare() -> None:
             """Wait for the hashes of the files sent before them and declare them."""
             if not deferred:
                 return
-            digests = {p: (hashing[p].result() if p in hashing
-                           else cache.local_sha256(by_path[p].local)) for p in deferred}
+            digests = {p: digest(p) for p in deferred}
             r = http.post(f"/api/v1/uploads/{upload_id}/declare", json={"files": digests})
             raise_for_status(r)
             for p in r.json().get("present", []):

@@ -188,13 +188,11 @@ def _blob_sizes(upload: Upload) -> dict[str, int]:
 async def _wanted(reg: Registry, upload: Upload) -> list[str]:
     """The keys whose parts the registry still needs: blobs it lacks, and staged files unless
     their declared blob is already stored."""
-    declared = [f["declared"] for f in upload.files if f.get("staged") and f.get("declared")]
-    known = [f["sha256"] for f in upload.files if not f.get("staged")]
-    lacking = set(await _missing(reg, list(dict.fromkeys(known + declared))))
-    out = [sha for sha in dict.fromkeys(known) if sha in lacking]
-    out += [f["sha256"] for f in upload.files if f.get("staged")
-            and (not f.get("declared") or f["declared"] in lacking)]
-    return out
+    known = list(dict.fromkeys(f["sha256"] for f in upload.files if not f.get("staged")))
+    lacking = set(await _missing(reg, known + list(_staged(upload))))
+    return [sha for sha in known if sha in lacking] + [
+        f["sha256"] for f in upload.files
+        if f.get("staged") and (not f["declared"] or f["declared"] in lacking)]
 
 
 def _part_count(size: int, part_size: int) -> int:

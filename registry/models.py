@@ -179,19 +179,20 @@ class PushMetadata(BaseModel):
         return v
 
 
+Sha256 = Annotated[str, PydanticField(pattern=r"^[0-9a-f]{64}$")]
+
+
 class ManifestFile(BaseModel):
     path: str = PydanticField(min_length=1, max_length=255)
     size: int = PydanticField(ge=0)
-    sha256: str = PydanticField(pattern=r"^[0-9a-f]{64}$")
+    sha256: Sha256
 
 
-class ManifestEntry(BaseModel):
+class ManifestEntry(ManifestFile):
     """A file of a manifest-first push; ``sha256`` may be left out and declared later (with
     ``POST /uploads/{id}/declare``), so a client can send a large file while still hashing it."""
 
-    path: str = PydanticField(min_length=1, max_length=255)
-    size: int = PydanticField(ge=0)
-    sha256: str | None = PydanticField(default=None, pattern=r"^[0-9a-f]{64}$")
+    sha256: Sha256 | None = None
 
 
 class UploadCreate(BaseModel):
@@ -200,8 +201,7 @@ class UploadCreate(BaseModel):
 
 
 class HashDeclaration(BaseModel):
-    files: dict[str, Annotated[str, PydanticField(pattern=r"^[0-9a-f]{64}$")]] = PydanticField(
-        min_length=1, max_length=1000)
+    files: dict[str, Sha256] = PydanticField(min_length=1, max_length=1000)
 
 
 class AliasUpdate(BaseModel):

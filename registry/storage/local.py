@@ -16,8 +16,9 @@ completing hashes once and renames into ``blobs/`` without copying. A part's mar
 before its bytes are (re)written and created only once they are all written, so a part torn by
 a crashed process is never counted. Each part's flush to disk is started when it is sealed and
 awaited by the fsync before publishing; should a power loss leave a marker whose bytes never
-reached the disk, completing finds the hash wrong and drops the parts to be sent again. Part writers hold a shared ``flock`` on the assembly
-and completing holds an exclusive one, so no byte changes between hashing and publishing.
+reached the disk, completing finds the hash wrong and drops the parts to be sent again. Part
+writers hold a shared ``flock`` on the assembly and completing holds an exclusive one, so no
+byte changes between hashing and publishing.
 
 Parts that arrive in order are hashed as they pass (a running sha256 of the received prefix,
 kept in memory), so completing hashes only what the prefix lacks. Each marker holds a random
@@ -557,7 +558,7 @@ class LocalBlobStore:
     async def complete_parts(self, upload_key: str, sha256: str, part_count: int,
                              expected_size: int, *, staged_as: str | None = None
                              ) -> tuple[str, int]:
-        key = check_sha256(staged_as) if staged_as is not None else sha256
+        key = staged_as or sha256       # checked as a name by the parts' path
         parts = self._parts_dir(upload_key, key)
         check_parts_complete(sha256, set(await self.list_parts(upload_key, key)), part_count)
         if await asyncio.to_thread((parts / _LAYOUT).is_file):

@@ -381,7 +381,7 @@ class S3BlobStore:
     async def complete_parts(self, upload_key: str, sha256: str, part_count: int,
                              expected_size: int, *, staged_as: str | None = None
                              ) -> tuple[str, int]:
-        key = check_sha256(staged_as) if staged_as is not None else sha256
+        key = staged_as or sha256       # checked as a name by the parts' path
         prefix = _parts_prefix(upload_key, key)
         check_parts_complete(sha256, set(await self.list_parts(upload_key, key)), part_count)
 
