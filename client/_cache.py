@@ -39,12 +39,14 @@ def hash_file(path: Path, start: int = 0, end: int | None = None, hasher=None):
     try:
         stop = os.fstat(fd).st_size if end is None else end
         pos = start
+        buf = bytearray(min(_HASH_BLOCK, max(stop - pos, 0)))
+        view = memoryview(buf)
         while pos < stop:
-            block = os.pread(fd, min(_HASH_BLOCK, stop - pos), pos)
-            if not block:
+            n = os.preadv(fd, [view[:min(len(buf), stop - pos)]], pos)
+            if not n:
                 break
-            h.update(block)
-            pos += len(block)
+            h.update(view[:n])
+            pos += n
     finally:
         os.close(fd)
     return h

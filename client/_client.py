@@ -116,11 +116,12 @@ class Client:
         self.url = self.settings.registry_url.rstrip("/")
         self.cache = Cache(self.settings.cache_path)
         self._http = httpx.Client(transport=transport, **http_options(self.settings))
+        self._lean = transport is None
         self._downloader = Downloader(self._http, self.cache,
                                       parallel=self.settings.parallel_downloads,
                                       chunk=self.settings.part_size,
                                       threshold=self.settings.parallel_threshold,
-                                      lean=transport is None)
+                                      lean=self._lean)
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -240,7 +241,8 @@ class Client:
                 return push_multipart(self._http, repo, meta, files, bar)
             return push_manifest(self._http, self.cache, repo, meta, files,
                                  parallel=self.settings.parallel_uploads, bar=bar,
-                                 hash_while_sending=self.settings.hash_while_sending)
+                                 hash_while_sending=self.settings.hash_while_sending,
+                                 lean=self._lean)
         except httpx.TransportError as exc:
             raise transport_error(exc, self.url) from exc
         finally:

@@ -23,7 +23,7 @@ from quiver.http import raise_for_status
 from quiver.wire import FileEntry
 
 from quiver.client._cache import Cache, PartialState, hash_file
-from quiver.client._rawhttp import RawRange, raw_fetch_usable
+from quiver.client._rawhttp import RawHTTP, raw_usable
 
 __all__ = ["Downloader", "blob_url", "TRANSIENT_ERRORS"]
 
@@ -56,7 +56,7 @@ class Downloader:
         self.parallel = max(1, parallel)
         self.chunk = max(1 << 16, chunk)
         self.threshold = threshold
-        self.lean = lean and raw_fetch_usable(http.base_url)
+        self.lean = lean and raw_usable(http.base_url)
         self._local = threading.local()
 
     def missing(self, entries: list[FileEntry]) -> list[FileEntry]:
@@ -190,10 +190,10 @@ class Downloader:
             raise errors[0]
         return hasher.hexdigest()
 
-    def _raw(self) -> RawRange:
+    def _raw(self) -> RawHTTP:
         raw = getattr(self._local, "raw", None)
         if raw is None:
-            raw = RawRange(self.http.base_url, self.http.headers, self.http.timeout.read or 60.0)
+            raw = RawHTTP(self.http.base_url, self.http.headers, self.http.timeout.read or 60.0)
             self._local.raw = raw
         return raw
 

@@ -1,8 +1,8 @@
 """Pushing adapter folders: one multipart request when small, manifest first when large.
 
 Manifest first: the client sends every file's path, size and sha256; the registry answers with
-an upload id, the blobs it lacks and its part size; the client PUTs the missing parts in
-parallel (read with ``os.pread``) and commits. A large file whose hash the cache does not
+an upload id, the blobs it lacks and its part size; the client PUTs the missing parts
+(``parallel`` at a time; over plain http each with ``sendfile``, see ``_rawhttp``) and commits. A large file whose hash the cache does not
 remember is listed without one and sent under a key the registry assigns while a thread hashes
 it; the hash is then declared, and if the registry already holds that blob the rest of the file
 is not sent. The upload id is kept in the cache under a key derived from the repository,
@@ -32,6 +32,7 @@ from quiver.http import raise_for_status
 from quiver.wire import VersionInfo
 
 from quiver.client._cache import Cache
+from quiver.client._rawhttp import RawHTTP, raw_usable
 
 __all__ = ["LocalFile", "collect_files", "push_multipart", "push_manifest", "upload_key"]
 
@@ -86,8 +87,11 @@ def upload_key(repo: str, metadata: dict[str, Any], manifest: list[dict[str, Any
 
 def push_manifest(http: httpx.Client, cache: Cache, repo: str, metadata: dict[str, Any],
                   files: list[LocalFile], *, parallel: int = 4, bar=None,
-                  hash_while_sending: int = 16 << 20) -> VersionInfo:
-    """Manifest-first push, resuming an earlier interrupted push of the same manifest."""
+                  hash_while_sending: int = 16 << 20, lean: bool = True) -> VersionInfo:
+    """Manifest-first push, resuming an earlier interrupted push of the same manifest.
+
+    ``lean=False`` sends every part through ``http`` (needed when it has a transport of its
+    own)."""
     known = {f.path: cache.known_sha256(f.local) for f in files}
     later = [f for f in files if known[f.path] is None and f.size >= hash_while_sending]
     with ThreadPoolExecutor(1, thread_name_prefix="quiver-hash") as hasher:
@@ -143,7 +147,8 @@ def push_manifest(http: httpx.Client, cache: Cache, repo: str, metadata: dict[st
                 min(part_size, f.size - k * part_size) for f, _s, k in jobs)))
         for attempt in range(2):
             _send_parts(http, upload_id, part_size, jobs, parallel, bar, skip=skip,
-                        meanwhile=declare if attempt == 0 else None)
+                        meanwhile=declare if attempt == 0 else None,
+                        lean=lean and raw_usable(http.base_url))
             r = http.post(f"/api/v1/uploads/{upload_id}/commit")
             try:
                 raise_for_status(r)
@@ -200,10 +205,27 @@ def _resume(http: httpx.Client, state_path: Path) -> dict[str, Any] | None:
 
 def _send_parts(http: httpx.Client, upload_id: str, part_size: int,
                 jobs: list[tuple[LocalFile, str, int]], parallel: int, bar, *,
-                skip: set[str] | None = None, meanwhile=None) -> None:
+                skip: set[str] | None = None, meanwhile=None, lean: bool = False) -> None:
     """PUT every job's part, ``parallel`` at a time, leaving out the keys in ``skip`` (which
-    may grow meanwhile); ``meanwhile`` runs in this thread while the parts go out."""
+    may grow meanwhile); ``meanwhile`` runs in this thread while the parts go out. ``lean``
+    sends each part from the file with ``sendfile`` instead of through ``http``."""
     skip = skip if skip is not None else set()
+    local = threading.local()
+
+    def put(f: LocalFile, url: str, offset: int, length: int) -> httpx.Response:
+        if not lean:
+            return http.put(url, content=_read_range(f.local, offset, length),
+                            headers={"Content-Type": "application/octet-stream",
+                                     "Content-Length": str(length)})
+        raw = getattr(local, "raw", None)
+        if raw is None:
+            raw = local.raw = RawHTTP(http.base_url, http.headers, http.timeout.write or 60.0)
+        with open(f.local, "rb") as fh:
+            try:
+                return raw.put_file(url, fh, offset, length)
+            except EOFError:
+                raise InvalidRequest(f"{f.local} shrank while it was being pushed") from None
+
     if not jobs:
         if meanwhile is not None:
             meanwhile()
@@ -221,10 +243,9 @@ def _send_parts(http: httpx.Client, upload_id: str, part_size: int,
                 bar.update(length)
             return
         url = f"/api/v1/uploads/{upload_id}/blobs/{sha}/parts/{k}"
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
         for attempt in range(_ATTEMPTS):
             try:
-                r = http.put(url, content=_read_range(f.local, offset, length), headers=headers)
+                r = put(f, url, offset, length)
                 break
             except httpx.TransportError as exc:
                 if attempt == _ATTEMPTS - 1:

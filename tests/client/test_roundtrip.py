@@ -13,8 +13,8 @@ import pytest
 from quiver.client import AsyncClient, Client, ClientSettings
 from quiver.client.up import write_demo_adapter
 from quiver.errors import (
-    AliasNotFound, Forbidden, IncompatibleAdapter, InvalidReference, RepoNotFound, Unauthorized,
-    VersionNotFound,
+    AliasNotFound, Forbidden, IncompatibleAdapter, InvalidAdapter, InvalidReference,
+    RepoNotFound, Unauthorized, VersionNotFound,
 )
 
 
@@ -162,6 +162,44 @@ def test_declared_hash_of_a_stored_blob_stops_the_upload(registry, tiny_base, tm
     assert [f.sha256 for f in second.files] == [f.sha256 for f in first.files]
     assert -(-size // (64 * 1024)) >= 5
     assert len(slow.parts_ok) <= 1       # at most the part already on its way
+
+
+def test_parts_sent_with_sendfile_land_and_refusals_come_back_typed(registry, tiny_base,
+                                                                    tmp_path, monkeypatch):
+    from quiver.client import _rawhttp
+
+    sent: list[tuple[str, int, int]] = []
+    put_file = _rawhttp.RawHTTP.put_file
+
+    def spy(self, path, file, offset, length, **kw):
+        sent.append((path, offset, length))
+        return put_file(self, path, file, offset, length, **kw)
+
+    monkeypatch.setattr(_rawhttp.RawHTTP, "put_file", spy)
+    adapter = write_demo_adapter(tmp_path / "lean", _tiny_config(), r=128,
+                                 modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=21)
+    weights = adapter / "adapter_model.safetensors"
+    with _client(registry, multipart_push_limit=0, parallel_uploads=2,
+                 cache_dir=tmp_path / "c1") as c:
+        info = c.push(adapter, "team/lean", base_model=tiny_base)
+        assert _files(c.pull(info.ref)) == _files(adapter)
+    by_key: dict[str, list[tuple[int, int]]] = {}
+    for path, offset, length in sent:            # .../blobs/{key}/parts/{k}
+        by_key.setdefault(path.split("/")[-3], []).append((offset, length))
+    size = weights.stat().st_size
+    assert size > 3 * 64 * 1024
+    assert any(sorted(v) == [(k * 64 * 1024, min(64 * 1024, size - k * 64 * 1024))
+                             for k in range(len(v))] and sum(n for _, n in v) == size
+               for v in by_key.values())             # every byte of the weights, once
+    # A header the registry refuses once part 0 is in: the typed error, and no version.
+    raw = bytearray(weights.read_bytes())
+    raw[8:9] = b"["
+    weights.write_bytes(bytes(raw))
+    with _client(registry, multipart_push_limit=0, cache_dir=tmp_path / "c2") as c:
+        with pytest.raises(InvalidAdapter):
+            c.push(adapter, "team/lean-bad", base_model=tiny_base)
+        with pytest.raises(RepoNotFound):
+            c.resolve("team/lean-bad")
 
 
 def test_listing_aliases_archive_delete(registry, tiny_base, tmp_path):
