@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 from pathlib import Path
 
 from quiver.logging import configure
@@ -42,5 +43,9 @@ def serve(host: str | None = None, port: int | None = None,
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     configure(settings.log_level, settings.log_format)
     _bound_malloc()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+    app = create_app(settings)
+    # The modules and the app live as long as the process: leaving them out of every later
+    # collection keeps a full one from pausing the event loop for ~80 ms to walk them again.
+    gc.freeze()
+    uvicorn.run(app, host=settings.host, port=settings.port,
                 log_level="warning", timeout_graceful_shutdown=5)
