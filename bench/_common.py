@@ -130,7 +130,9 @@ def prefault_page_cache(folder: str | os.PathLike[str], mb: int) -> float:
 
     On a VM, the first time the guest touches a page costs far more than reusing a freed one
     (2-3 ms per MB against 0.25 here), so a transfer that keeps its file would otherwise pay a
-    cost that one which deletes, or runs later, does not. Run once before timing transfers.
+    cost that one which deletes, or runs later, does not. A VM that reports free pages to its
+    host (virtio-balloon) loses the refill within seconds, so call this right before each timed
+    transfer there.
     """
     path = os.path.join(folder, f".prefault-{os.getpid()}")
     block = os.urandom(1 << 20)

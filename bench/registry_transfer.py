@@ -11,6 +11,13 @@ One run, on loopback, with the registry started as a real server process:
   created through the registry's crud layer);
 - the registry's resident memory while a ~1 GB adapter is pushed and pulled.
 
+Every timed transfer, Quiver's or a peer's, starts right after this script has written and
+deleted twice the adapter's size (``prefault_page_cache``). The VMs this runs on hand freed
+guest memory back to their host within seconds (virtio-balloon free page reporting), and the
+first touch of such a page costs several times a recycled one; without the refill, whichever
+transfer happens to allocate after memory has been handed back pays for the VM, not for its
+own work.
+
     python bench/registry_transfer.py [--quick] [--json] [--repeat N] [--no-postgres]
 """
 
@@ -204,12 +211,14 @@ def bench_pull(url: str, ref: str, info, work: Path, repeat: int) -> dict[str, l
 
     runs = {"quiver": quiver_pull, "raw": lambda d: raw_get(url, big.sha256, d / "blob"),
             "hf": hf_pull}
+    refill = 2 * math.ceil(info.size_bytes / MiB)
     for rep in range(repeat):
         order = list(runs)
         random.Random(rep).shuffle(order)
         for name in order:
             d = work / f"pull-{name}-{rep}"
             d.mkdir(parents=True)
+            prefault_page_cache(work, refill)
             t0 = time.perf_counter()
             runs[name](d)
             times[name].append(time.perf_counter() - t0)
@@ -225,8 +234,10 @@ def bench_push(url: str, token: str, sink: str, base: str, layers: int, work: Pa
     for rep in range(repeat):
         folder = write_adapter(work / f"push-{rep}", layers, seed=1000 + rep)
         weights = folder / "adapter_model.safetensors"
+        refill = 2 * math.ceil(weights.stat().st_size / MiB)
         order = ["quiver", "raw"] if rep % 2 == 0 else ["raw", "quiver"]
         for name in order:
+            prefault_page_cache(work, refill)
             t0 = time.perf_counter()
             if name == "raw":
                 raw_put(sink, weights)
