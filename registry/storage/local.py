@@ -14,11 +14,11 @@ A blob's parts are staged one way or the other: as separate files (``put_part``)
 when completed, or written in place into one preallocated assembly file (``put_part_at``), which
 completing hashes once and renames into ``blobs/`` without copying. A part's marker is removed
 before its bytes are (re)written and created only once they are all written, so a part torn by
-a crashed process is never counted. Each part's flush to disk is started when it is sealed and
-awaited by the fsync before publishing; should a power loss leave a marker whose bytes never
-reached the disk, completing finds the hash wrong and drops the parts to be sent again. Part
-writers hold a shared ``flock`` on the assembly and completing holds an exclusive one, so no
-byte changes between hashing and publishing.
+a crashed process is never counted. Each part's flush to disk is started once it is sealed
+(without holding up the answer) and awaited by the fsync before publishing; should a power
+loss leave a marker whose bytes never reached the disk, completing finds the hash wrong and
+drops the parts to be sent again. Part writers hold a shared ``flock`` on the assembly and
+completing holds an exclusive one, so no byte changes between hashing and publishing.
 
 Parts that arrive in order are hashed as they pass (a running sha256 of the received prefix,
 kept in memory), so completing hashes only what the prefix lacks. Each marker holds a random
@@ -115,10 +115,15 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing ``[offset, offset + length)`` to disk without waiting
-    (Linux ``sync_file_range``), so the fsync before publishing finds little left to flush."""
-    if _sync_file_range is not None and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    """Ask the kernel to start writing ``[offset, offset + length)`` to disk (Linux
+    ``sync_file_range``), so the fsync before publishing finds little left to flush; then close
+    ``fd``. Queuing the writes can itself wait on a busy disk, so this runs after the part has
+    been answered."""
+    try:
+        if _sync_file_range is not None and length > 0:
+            _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    finally:
+        os.close(fd)
 
 
 def _read_token(parts: Path, part_number: int) -> str | None:
@@ -391,6 +396,9 @@ class LocalBlobStore:
             inflight = asyncio.ensure_future(asyncio.to_thread(
                 self._seal_slot, fd, parts, part_number, prefix, part_size, blob_size))
             await asyncio.shield(inflight)
+            if self.fsync:    # not awaited: the fsync before publishing waits for it all
+                asyncio.get_running_loop().run_in_executor(
+                    None, _start_writeback, os.dup(fd), offset, length)
         except BaseException:
             if prefix is not None:
                 self._drop_prefix(parts, prefix)
@@ -456,11 +464,8 @@ class LocalBlobStore:
 
     def _seal_slot(self, fd: int, parts: Path, part_number: int, prefix: _Prefix | None,
                    part_size: int, blob_size: int) -> None:
-        """Start the part's flush to disk, then mark it received; extend the running hash over
-        this part and the received parts after it."""
-        if self.fsync:
-            _start_writeback(fd, part_number * part_size,
-                             part_length(part_number, part_size, blob_size))
+        """Mark the part received; extend the running hash over this part and the received
+        parts after it."""
         if not _same_file(fd, parts / _ASSEMBLY):
             raise Conflict(f"the staged parts of blob {parts.name} were dropped while part "
                            f"{part_number} arrived; send it again",
@@ -628,11 +633,13 @@ class LocalBlobStore:
                 raise Conflict(f"blob {sha256} is missing {len(missing)} part(s)",
                                details={"sha256": sha256, "missing_parts": missing})
             h, size = self._hashed_prefix(parts)
-            buf = bytearray(_HASH_BLOCK)
-            view = memoryview(buf)
-            while n := os.preadv(fd, [buf], size):
-                h.update(view[:n])
-                size += n
+            left = os.fstat(fd).st_size - size
+            if left > 0:    # what the running hash did not cover
+                buf = bytearray(min(_HASH_BLOCK, left))
+                view = memoryview(buf)
+                while n := os.preadv(fd, [buf], size):
+                    h.update(view[:n])
+                    size += n
             _verify(h.hexdigest(), size, sha256, expected_size)
             if self.fsync:
                 os.fsync(fd)
