@@ -349,6 +349,21 @@ class _Checker:
         self.table = _module_table(base)
         self.problems: list[dict[str, Any]] = []
         self.seen: dict[str, set[str]] = {}      # module key -> LoRA tensor kinds present
+        self._targeted: dict[str, bool] = {}
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+
+    def targeted(self, module: _Module) -> bool:
+        hit = self._targeted.get(module.key)
+        if hit is None:
+            hit = self._targeted[module.key] = _is_targeted(self.peft, module)
+        return hit
+
+    def lora_shapes(self, module: _Module) -> dict[str, tuple[int, ...]]:
+        """The LoRA tensor shapes of ``module`` at its rank (``rank_pattern`` applied)."""
+        shapes = self._shapes.get(module.key)
+        if shapes is None:
+            shapes = self._shapes[module.key] = _lora_shapes(module, _rank(self.peft, module.key))
+        return shapes
 
     def report(self, tensor: str | None, expected: Any, found: Any, problem: str,
                **extra: Any) -> None:
@@ -392,8 +407,7 @@ class _Checker:
         """A base weight saved beside the LoRA pairs (modules_to_save, biases, base layers)."""
         saved = _saved(module.key, self.peft.modules_to_save)
         if what == "base_layer.weight":
-            if not (_is_targeted(self.peft, module)
-                    and module.short in ("embed_tokens", "lm_head")):
+            if not (self.targeted(module) and module.short in ("embed_tokens", "lm_head")):
                 self.report(name, None, module.key, "base layer weights are saved only for "
                             "targeted embedding and output layers")
             else:
@@ -411,7 +425,7 @@ class _Checker:
                         "bias tensor but the config saves no biases")
 
     def lora_tensor(self, name: str, meta: TensorMeta, module: _Module, what: str) -> None:
-        if not _is_targeted(self.peft, module):
+        if not self.targeted(module):
             self.report(name, self.peft.target_modules, module.key,
                         "module is not in target_modules")
         self.seen.setdefault(module.key, set()).add(what)
@@ -435,7 +449,7 @@ class _Checker:
         elif what == "lora_A.bias":
             self.report(name, None, what, "lora_A has no bias")
         else:
-            expected = _lora_shapes(module, _rank(self.peft, module.key))[what]
+            expected = self.lora_shapes(module)[what]
             self.shape(name, meta, expected, what.split(".")[0])
 
     def pairs(self) -> None:
@@ -446,7 +460,7 @@ class _Checker:
                 continue
             a, b = (("lora_embedding_A", "lora_embedding_B") if module.kind == "embedding"
                     else ("lora_A.weight", "lora_B.weight"))
-            shapes = _lora_shapes(module, _rank(self.peft, key))
+            shapes = self.lora_shapes(module)
             for have, missing in ((a, b), (b, a)):
                 if have in parts and missing not in parts:
                     self.report(f"{PREFIX}{key}.{missing}", list(shapes[missing]), None,
@@ -461,7 +475,7 @@ class _Checker:
         targets = self.peft.target_modules
         arch = self.base.architecture
         if len(targets) == 1 and _is_pattern(targets[0]):
-            if not any(_is_targeted(self.peft, m) for m in self.table.values()):
+            if not any(self.targeted(m) for m in self.table.values()):
                 self.report(None, "a pattern matching a module of this architecture",
                             targets[0], f"target_modules matches no module of {arch}",
                             module=targets[0])

@@ -90,10 +90,6 @@ def header_length(prefix8: bytes) -> int:
     return struct.unpack("<Q", prefix8[:8])[0]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def parse_safetensors_header(data_prefix: bytes, file_size: int, *, max_header: int = HEADER_CAP,
                              file_name: str | None = None) -> dict[str, TensorMeta]:
     """Validate a safetensors header and return its tensors, in file order.
@@ -152,25 +148,27 @@ def parse_safetensors_header(data_prefix: bytes, file_size: int, *, max_header: 
         if not isinstance(entry, dict):
             problem(name, "tensor entry must be an object")
             continue
-        extra = sorted(set(entry) - _TENSOR_FIELDS)
-        missing = sorted(_TENSOR_FIELDS - set(entry))
-        if extra:
-            problem(name, f"unknown field(s) {extra}")
-        if missing:
-            problem(name, f"missing field(s) {missing}")
-            continue
+        if entry.keys() != _TENSOR_FIELDS:
+            extra = sorted(set(entry) - _TENSOR_FIELDS)
+            missing = sorted(_TENSOR_FIELDS - set(entry))
+            if extra:
+                problem(name, f"unknown field(s) {extra}")
+            if missing:
+                problem(name, f"missing field(s) {missing}")
+                continue
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         ok = True
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             problem(name, f"unknown dtype {dtype!r}")
             ok = False
-        if (not isinstance(shape, list) or len(shape) > _MAX_RANK
-                or not all(_is_int(d) and d >= 0 for d in shape)):
+        if (type(shape) is not list or len(shape) > _MAX_RANK
+                or not all(type(d) is int and d >= 0 for d in shape)):   # bool is no int here
             problem(name, f"shape must be a list of at most {_MAX_RANK} non-negative integers, "
                           f"got {shape!r}")
             ok = False
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(_is_int(o) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        if (type(offsets) is not list or len(offsets) != 2
+                or not (type(offsets[0]) is int and type(offsets[1]) is int)
+                or not 0 <= offsets[0] <= offsets[1]):
             problem(name, f"data_offsets must be [begin, end] with 0 <= begin <= end, "
                           f"got {offsets!r}")
             ok = False
