@@ -123,7 +123,7 @@ async def push(repo: str, request: Request, reg: RegistryDep, principal: Writer)
         except BaseException:
             await asyncio.shield(_mark(reg, upload.id, "aborted", None))
             raise
-        await _mark(reg, upload.id, "committed", await _version_id(reg, upload.id))
+        await _mark_committed(reg, upload.id)
         return info
     finally:
         await form.close()
@@ -214,9 +214,6 @@ async def _insert_upload(reg: Registry, upload_id: str, repo: str, meta: PushMet
     return await reg.db.run(insert)
 
 
-async def _version_id(reg: Registry, upload_id: str) -> int:
-    return await reg.db.run(lambda s: s.exec(select(Version.id).where(
-        Version.upload_id == upload_id, Version.status == "ready")).one())
 
 
 async def _missing(reg: Registry, shas: list[str]) -> list[str]:
@@ -456,7 +453,7 @@ async def _commit(reg: Registry, upload_id: str, principal: Principal) -> Versio
         raise
     info = await pipeline.publish(reg, ctx=ctx, meta=meta, files=files, facts=facts,
                                   principal=principal, upload_id=upload_id)
-    await _mark(reg, upload_id, "committed", await _version_id(reg, upload_id))
+    await _mark_committed(reg, upload_id)
     await reg.store.abort_parts(upload_id)
     return info
 
@@ -466,6 +463,19 @@ def _blob_source(reg: Registry, f: ManifestFile) -> FileSource:
         return await reg.store.read_prefix(f.sha256, n)
 
     return FileSource(path=f.path, size=f.size, read_prefix=read_prefix)
+
+
+async def _mark_committed(reg: Registry, upload_id: str) -> None:
+    """Close the upload with the ready version it became."""
+    def update(session: Session) -> None:
+        row = session.get(Upload, upload_id)
+        row.state = "committed"
+        row.version_id = session.exec(select(Version.id).where(
+            Version.upload_id == upload_id, Version.status == "ready")).one()
+        session.add(row)
+        session.commit()
+
+    await reg.db.run(update, write=True)
 
 
 async def _mark(reg: Registry, upload_id: str, state: str, version_id: int | None) -> None:
