@@ -16,13 +16,14 @@ deleted twice the adapter's size (``prefault_page_cache``). The VMs this runs on
 guest memory back to their host within seconds (virtio-balloon free page reporting), and the
 first touch of such a page costs several times a recycled one; without the refill, whichever
 transfer happens to allocate after memory has been handed back pays for the VM, not for its
-own work.
+own work. A collection of this script's garbage runs before each timed transfer as well.
 
     python bench/registry_transfer.py [--quick] [--json] [--repeat N] [--no-postgres]
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -219,6 +220,7 @@ def bench_pull(url: str, ref: str, info, work: Path, repeat: int) -> dict[str, l
             d = work / f"pull-{name}-{rep}"
             d.mkdir(parents=True)
             prefault_page_cache(work, refill)
+            gc.collect()
             t0 = time.perf_counter()
             runs[name](d)
             times[name].append(time.perf_counter() - t0)
@@ -238,6 +240,7 @@ def bench_push(url: str, token: str, sink: str, base: str, layers: int, work: Pa
         order = ["quiver", "raw"] if rep % 2 == 0 else ["raw", "quiver"]
         for name in order:
             prefault_page_cache(work, refill)
+            gc.collect()
             t0 = time.perf_counter()
             if name == "raw":
                 raw_put(sink, weights)
