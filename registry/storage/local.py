@@ -61,7 +61,7 @@ _DONE = "done."
 _WRITE_BATCH = 1 << 20
 """Bytes gathered from the request before one vectored write into the assembly."""
 _WRITE_BUFFERS = 512
-_HASH_BLOCK = 8 << 20
+_HASH_BLOCK = 1 << 20     # pieces that stay in the CPU cache between read and hash
 _PART_LOCK = "lock."
 _PART_WAIT_S = 30.0
 """How long a part waits for an earlier upload of the same part to end."""
