@@ -174,7 +174,9 @@ def start_sink(folder: Path) -> tuple[subprocess.Popen, str]:
 def raw_get(url: str, sha: str, dest: Path) -> None:
     import httpx
 
-    with httpx.Client(timeout=120) as http, open(dest, "wb") as fh:
+    # Plain http: verify=False spares the peer loading a CA bundle it never uses (35-60 ms
+    # per client here).
+    with httpx.Client(timeout=120, verify=False) as http, open(dest, "wb") as fh:
         with http.stream("GET", f"{url}/api/v1/blobs/{sha}") as r:
             r.raise_for_status()
             for data in r.iter_raw():
@@ -189,7 +191,7 @@ def raw_put(url: str, path: Path) -> None:
             while data := fh.read(4 * MiB):
                 yield data
 
-    with httpx.Client(timeout=120) as http:
+    with httpx.Client(timeout=120, verify=False) as http:    # plain http, as in raw_get
         r = http.put(f"{url}/upload", content=chunks(),
                      headers={"Content-Length": str(path.stat().st_size)})
         r.raise_for_status()
