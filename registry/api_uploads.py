@@ -123,7 +123,6 @@ async def push(repo: str, request: Request, reg: RegistryDep, principal: Writer)
         except BaseException:
             await asyncio.shield(_mark(reg, upload.id, "aborted", None))
             raise
-        await _mark_committed(reg, upload.id)
         return info
     finally:
         await form.close()
@@ -185,26 +184,34 @@ def _blob_sizes(upload: Upload) -> dict[str, int]:
     return {f["sha256"]: f["size"] for f in upload.files}
 
 
-async def _wanted(reg: Registry, upload: Upload) -> list[str]:
+def _wanted_in(session: Session, upload: Upload) -> list[str]:
     """The keys whose parts the registry still needs: blobs it lacks, and staged files unless
     their declared blob is already stored."""
     known = list(dict.fromkeys(f["sha256"] for f in upload.files if not f.get("staged")))
-    lacking = set(await _missing(reg, known + list(_staged(upload))))
+    lacking = set(_missing_in(session, known + list(_staged(upload))))
     return [sha for sha in known if sha in lacking] + [
         f["sha256"] for f in upload.files
         if f.get("staged") and (not f["declared"] or f["declared"] in lacking)]
+
+
+async def _wanted(reg: Registry, upload: Upload) -> list[str]:
+    return await reg.db.run(lambda session: _wanted_in(session, upload))
 
 
 def _part_count(size: int, part_size: int) -> int:
     return max(1, math.ceil(size / part_size))
 
 
+def _new_upload(reg: Registry, upload_id: str, repo: str, meta: PushMetadata,
+                files: list[dict[str, Any]], pushed_by: str) -> Upload:
+    return Upload(id=upload_id, repo=repo, meta=meta.model_dump(mode="json"), files=files,
+                  part_size=reg.settings.part_size, pushed_by=pushed_by,
+                  expires_at=datetime.now(UTC) + timedelta(seconds=reg.settings.upload_ttl_s))
+
+
 async def _insert_upload(reg: Registry, upload_id: str, repo: str, meta: PushMetadata,
                          files: list[dict[str, Any]], pushed_by: str) -> Upload:
-    upload = Upload(id=upload_id, repo=repo, meta=meta.model_dump(mode="json"),
-                    files=files, part_size=reg.settings.part_size,
-                    pushed_by=pushed_by,
-                    expires_at=datetime.now(UTC) + timedelta(seconds=reg.settings.upload_ttl_s))
+    upload = _new_upload(reg, upload_id, repo, meta, files, pushed_by)
 
     def insert(session: Session) -> Upload:
         session.add(upload)
@@ -216,12 +223,14 @@ async def _insert_upload(reg: Registry, upload_id: str, repo: str, meta: PushMet
 
 
 
-async def _missing(reg: Registry, shas: list[str]) -> list[str]:
-    def query(session: Session) -> set[str]:
-        return set(session.exec(select(Blob.sha256).where(col(Blob.sha256).in_(shas))))
-
-    have = await reg.db.run(query)
+def _missing_in(session: Session, shas: list[str]) -> list[str]:
+    """The hashes of ``shas`` that name no stored blob."""
+    have = set(session.exec(select(Blob.sha256).where(col(Blob.sha256).in_(shas))))
     return [s for s in shas if s not in have]
+
+
+async def _missing(reg: Registry, shas: list[str]) -> list[str]:
+    return await reg.db.run(lambda session: _missing_in(session, shas))
 
 
 async def _load_upload(reg: Registry, upload_id: str) -> Upload:
@@ -264,10 +273,16 @@ async def create_upload(repo: str, body: UploadCreate, reg: RegistryDep,
                             "staged": True, "declared": None})
         else:
             entries.append({"path": f.path, "size": f.size, "sha256": f.sha256})
-    upload = await _insert_upload(reg, upload_id, repo, body.metadata, entries, principal.name)
-    return {"upload_id": upload.id, "missing": await _wanted(reg, upload),
-            "deferred": deferred, "part_size": upload.part_size,
-            "expires_at": upload.expires_at.isoformat()}
+    upload = _new_upload(reg, upload_id, repo, body.metadata, entries, principal.name)
+
+    def insert(session: Session) -> list[str]:
+        session.add(upload)
+        session.commit()
+        return _wanted_in(session, upload)
+
+    missing = await reg.db.run(insert)
+    return {"upload_id": upload.id, "missing": missing, "deferred": deferred,
+            "part_size": upload.part_size, "expires_at": upload.expires_at.isoformat()}
 
 
 @router.post("/api/v1/uploads/{upload_id}/declare")
@@ -275,8 +290,10 @@ async def declare_hashes(upload_id: str, body: HashDeclaration, reg: RegistryDep
                          principal: Writer) -> dict[str, Any]:
     """Record the sha256 of files listed without one; answers which of them the registry
     already holds: their parts need not be sent (any already sent are dropped on commit)."""
-    async with reg.commit_lock(upload_id):
-        upload = await _load_upload(reg, upload_id)
+    def declare(session: Session) -> list[str]:
+        upload = session.get(Upload, upload_id)
+        if upload is None:
+            raise UploadNotFound(f"no upload {upload_id!r}", details={"upload_id": upload_id})
         principal.require_write(upload.repo)
         _require_open(upload)
         staged = {f["path"]: f for f in upload.files if f.get("staged")}
@@ -285,17 +302,14 @@ async def declare_hashes(upload_id: str, body: HashDeclaration, reg: RegistryDep
             raise InvalidRequest(f"upload {upload_id} lists no file awaiting a hash at "
                                  f"{', '.join(map(repr, unknown))}",
                                  details={"upload_id": upload_id, "paths": unknown})
-        files = [dict(f, declared=body.files[f["path"]]) if f["path"] in body.files else f
-                 for f in upload.files]
+        upload.files = [dict(f, declared=body.files[f["path"]]) if f["path"] in body.files
+                        else f for f in upload.files]
+        session.add(upload)
+        session.commit()
+        return _missing_in(session, list(set(body.files.values())))
 
-        def update(session: Session) -> None:
-            row = session.get(Upload, upload_id)
-            row.files = files
-            session.add(row)
-            session.commit()
-
-        await reg.db.run(update)
-        lacking = set(await _missing(reg, list(set(body.files.values()))))
+    async with reg.commit_lock(upload_id):
+        lacking = set(await reg.db.run(declare))
     return {"present": sorted(p for p, sha in body.files.items() if sha not in lacking)}
 
 
@@ -453,7 +467,6 @@ async def _commit(reg: Registry, upload_id: str, principal: Principal) -> Versio
         raise
     info = await pipeline.publish(reg, ctx=ctx, meta=meta, files=files, facts=facts,
                                   principal=principal, upload_id=upload_id)
-    await _mark_committed(reg, upload_id)
     await reg.store.abort_parts(upload_id)
     return info
 
@@ -463,19 +476,6 @@ def _blob_source(reg: Registry, f: ManifestFile) -> FileSource:
         return await reg.store.read_prefix(f.sha256, n)
 
     return FileSource(path=f.path, size=f.size, read_prefix=read_prefix)
-
-
-async def _mark_committed(reg: Registry, upload_id: str) -> None:
-    """Close the upload with the ready version it became."""
-    def update(session: Session) -> None:
-        row = session.get(Upload, upload_id)
-        row.state = "committed"
-        row.version_id = session.exec(select(Version.id).where(
-            Version.upload_id == upload_id, Version.status == "ready")).one()
-        session.add(row)
-        session.commit()
-
-    await reg.db.run(update, write=True)
 
 
 async def _mark(reg: Registry, upload_id: str, state: str, version_id: int | None) -> None:

@@ -65,20 +65,39 @@ async def version_info(reg: Registry, version_id: int) -> VersionInfo:
 async def publish(reg: Registry, *, ctx: PushContext, meta: PushMetadata,
                   files: list[ManifestFile], facts: dict, principal: Principal,
                   upload_id: str | None = None) -> VersionInfo:
-    """Give the push the repo's next version number, make it ready, announce it."""
+    """Give the push the repo's next version number, make it ready and close its upload (all
+    in one trip to a database thread), then announce it."""
     facts = {**facts, "parent": ctx.parent}
-    version = await reg.db.run(
-        lambda s: crud.create_version(s, repo=ctx.repo, meta=meta, files=files, facts=facts,
-                                      pushed_by=principal.name, upload_id=upload_id),
-        write=True)
-    return await finish(reg, version_id=version.id, aliases=meta.aliases)
+
+    def write(session: Session) -> tuple[VersionInfo, list[str]]:
+        pending = crud.create_version(session, repo=ctx.repo, meta=meta, files=files, facts=facts,
+                                      pushed_by=principal.name, upload_id=upload_id)
+        version, moved = crud.publish_version(session, version_id=pending.id,
+                                              aliases=meta.aliases)
+        if upload_id is not None:
+            upload = session.get(Upload, upload_id)
+            upload.state, upload.version_id = "committed", version.id
+            session.add(upload)
+            session.commit()
+        return crud.version_infos(session, [version])[0], moved
+
+    info, moved = await reg.db.run(write, write=True)
+    await _announce(reg, info, moved)
+    return info
 
 
 async def finish(reg: Registry, *, version_id: int, aliases: list[str]) -> VersionInfo:
     """Pending → ready (idempotent), with aliases and events."""
-    version, moved = await reg.db.run(
-        lambda s: crud.publish_version(s, version_id=version_id, aliases=aliases), write=True)
-    info = await version_info(reg, version.id)
+    def write(session: Session) -> tuple[VersionInfo, list[str]]:
+        version, moved = crud.publish_version(session, version_id=version_id, aliases=aliases)
+        return crud.version_infos(session, [version])[0], moved
+
+    info, moved = await reg.db.run(write, write=True)
+    await _announce(reg, info, moved)
+    return info
+
+
+async def _announce(reg: Registry, info: VersionInfo, moved: list[str]) -> None:
     now = datetime.now(UTC).timestamp()
     await reg.emit(RegistryEvent(type="version.ready", repo=info.repo, version=info.version,
                                  revision=info.revision, base_model=info.base_model, ts=now))
@@ -87,7 +106,6 @@ async def finish(reg: Registry, *, version_id: int, aliases: list[str]) -> Versi
                                      revision=info.revision, base_model=info.base_model,
                                      alias=alias, ts=now))
     log_event(_log, "version.ready", ref=info.ref, revision=info.revision, files=len(info.files))
-    return info
 
 
 def _protected_shas(session: Session) -> set[str]:
