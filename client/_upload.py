@@ -2,12 +2,13 @@
 
 Manifest first: the client sends every file's path, size and sha256; the registry answers with
 an upload id, the blobs it lacks and its part size; the client PUTs the missing parts
-(``parallel`` at a time; over plain http each with ``sendfile``, see ``_rawhttp``) and commits. A large file whose hash the cache does not
-remember is listed without one and sent under a key the registry assigns while a thread hashes
-it; the hash is then declared, and if the registry already holds that blob the rest of the file
-is not sent. The upload id is kept in the cache under a key derived from the repository,
-metadata and manifest (a file sent before its hash by its size, mtime and inode), so an
-interrupted push asks the registry what already arrived and sends only the rest.
+(``parallel`` at a time; over plain http each with ``sendfile``, see ``_rawhttp``) and commits.
+A large file whose hash the cache does not remember is listed without one and sent under a key
+the registry assigns while a thread hashes it; the hash is then declared, and if the registry
+already holds that blob the rest of the file is not sent. The upload id is kept in the cache
+under a key derived from the repository, metadata and manifest (a file sent before its hash by
+its size, mtime and inode), so an interrupted push asks the registry what already arrived and
+sends only the rest.
 """
 
 from __future__ import annotations

@@ -221,8 +221,6 @@ async def _insert_upload(reg: Registry, upload_id: str, repo: str, meta: PushMet
     return await reg.db.run(insert)
 
 
-
-
 def _missing_in(session: Session, shas: list[str]) -> list[str]:
     """The hashes of ``shas`` that name no stored blob."""
     have = set(session.exec(select(Blob.sha256).where(col(Blob.sha256).in_(shas))))
