@@ -35,12 +35,13 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import queue
 import secrets
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -61,6 +62,8 @@ _DONE = "done."
 _WRITE_BATCH = 1 << 20
 """Bytes gathered from the request before one vectored write into the assembly."""
 _WRITE_BUFFERS = 512
+_WRITE_DEPTH = 4
+"""Batches that may wait for the writer thread while the event loop receives the next."""
 _HASH_BLOCK = 1 << 20     # pieces that stay in the CPU cache between read and hash
 _PART_LOCK = "lock."
 _PART_WAIT_S = 30.0
@@ -95,6 +98,73 @@ def _pwrite_all(fd: int, buffers: list[bytes], offset: int,
         while rest:
             n = os.pwrite(fd, rest, offset + written)
             rest, written = rest[n:], written + n
+
+
+class _OrderedWriter:
+    """Writes one part's batches at their offsets, feeding the running hash, in arrival order on
+    a thread of its own. Up to ``depth`` batches wait for it, so the event loop goes on
+    receiving while the disk and the hash catch up (handing over one batch at a time kept the
+    loop waiting 30-45 ms per 64 MiB part)."""
+
+    def __init__(self, fd: int, hasher: hashlib._Hash | None, depth: int) -> None:
+        self._fd, self._hasher = fd, hasher
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(depth)
+        self._queue: queue.SimpleQueue[tuple[list[bytes], int] | None] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._drained: asyncio.Future[None] = self._loop.create_future()
+        self._lock = threading.Lock()
+        self._ended = False
+        self._then: Callable[[], None] | None = None
+        threading.Thread(target=self._run, name="quiver-part-writer", daemon=True).start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    _pwrite_all(self._fd, item[0], item[1], self._hasher)
+                except BaseException as exc:  # noqa: BLE001 - raised in the event loop
+                    self._error = exc
+            self._call_in_loop(self._slots.release)
+        self._call_in_loop(self._settle)
+        with self._lock:
+            self._ended = True
+            then = self._then
+        if then is not None:
+            then()
+
+    def _call_in_loop(self, fn: Callable[[], None]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn)
+        except RuntimeError:     # the loop has closed: nobody is waiting any more
+            pass
+
+    def _settle(self) -> None:
+        if not self._drained.done():
+            self._drained.set_result(None)
+
+    async def write(self, batch: list[bytes], offset: int) -> None:
+        if self._error is not None:
+            raise self._error
+        await self._slots.acquire()
+        self._queue.put((batch, offset))
+
+    async def drain(self) -> None:
+        """Wait until every batch is written; raises the first write's error."""
+        self._queue.put(None)
+        await asyncio.shield(self._drained)
+        if self._error is not None:
+            raise self._error
+
+    def abandon(self, then: Callable[[], None]) -> None:
+        """Stop after the batches already handed over, then call ``then`` (on the writer's
+        thread, or here if it has ended)."""
+        self._queue.put(None)
+        with self._lock:
+            if not self._ended:
+                self._then = then
+                return
+        then()
 
 
 def _libc_sync_file_range():
@@ -362,9 +432,9 @@ class LocalBlobStore:
         except asyncio.CancelledError:     # the thread goes on: release what it opens
             opening.add_done_callback(lambda f: self._release_opened(f, parts))
             raise
-        hasher = prefix.hasher if prefix is not None else None
+        writer = _OrderedWriter(fd, prefix.hasher if prefix is not None else None, _WRITE_DEPTH)
         size = 0
-        inflight: asyncio.Future[None] | None = None     # the thread now using ``fd``
+        sealing: asyncio.Future[None] | None = None     # the thread sealing, once all is written
         try:
             batch: list[bytes] = []
             held = 0
@@ -378,24 +448,18 @@ class LocalBlobStore:
                 batch.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
                 held += len(chunk)
                 if held >= _WRITE_BATCH or len(batch) >= _WRITE_BUFFERS:
-                    if inflight is not None:    # one write in flight while the next batch fills
-                        await asyncio.shield(inflight)
-                    inflight = asyncio.ensure_future(asyncio.to_thread(
-                        _pwrite_all, fd, batch, offset + size - held, hasher))
+                    await writer.write(batch, offset + size - held)
                     batch, held = [], 0
-            if inflight is not None:
-                await asyncio.shield(inflight)
             if size != length:
                 raise InvalidRequest(f"part {part_number} holds {size} bytes; expected {length}",
                                      details={"part": part_number, "expected": length,
                                               "received": size})
             if batch:
-                inflight = asyncio.ensure_future(asyncio.to_thread(
-                    _pwrite_all, fd, batch, offset + size - held, hasher))
-                await asyncio.shield(inflight)
-            inflight = asyncio.ensure_future(asyncio.to_thread(
+                await writer.write(batch, offset + size - held)
+            await writer.drain()
+            sealing = asyncio.ensure_future(asyncio.to_thread(
                 self._seal_slot, fd, parts, part_number, prefix, part_size, blob_size))
-            await asyncio.shield(inflight)
+            await asyncio.shield(sealing)
             if self.fsync:    # not awaited: the fsync before publishing waits for it all
                 asyncio.get_running_loop().run_in_executor(
                     None, _start_writeback, os.dup(fd), offset, length)
@@ -404,8 +468,10 @@ class LocalBlobStore:
                 self._drop_prefix(parts, prefix)
             raise
         finally:
-            if inflight is not None and not inflight.done():   # close once that thread ends
-                inflight.add_done_callback(lambda f: _close_after(f, fd, lock))
+            if sealing is None:          # close once the writer has let go of ``fd``
+                writer.abandon(lambda: _close_all(fd, lock))
+            elif not sealing.done():     # the writer has ended; close once the seal has
+                sealing.add_done_callback(lambda f: _close_after(f, fd, lock))
             else:
                 _close_all(fd, lock)
         return size

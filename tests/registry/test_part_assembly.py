@@ -276,3 +276,40 @@ async def test_a_cancelled_part_releases_its_locks(store):
                                                  part_size=PART, blob_size=len(data)), 5)
     assert await store.complete_parts("gone", digest, 2, len(data)) == (digest, len(data))
     assert await store.open_range(digest).read_all() == data
+
+
+async def test_parts_of_many_batches_survive_tearing_and_cancelling(store):
+    """Parts large enough that several batches wait for the writer thread: a torn one and a
+    cancelled one leave no count, no lock and no open file, and the re-sent parts complete."""
+    big = 5 * (1 << 20) + 321                # five 1 MiB write batches and a bit
+    data = os.urandom(2 * big)
+    digest = sha(data)
+    first, second = data[:big], data[big:]
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ConnectionResetError):
+        await store.put_part_at("many", digest, 0, torn(first, 4 * (1 << 20) + 17),
+                                part_size=big, blob_size=len(data))
+    stall = asyncio.Event()
+
+    async def stalled():
+        for i in range(0, 3 << 20, 65536):
+            yield second[i:i + 65536]
+        await stall.wait()
+
+    task = asyncio.create_task(store.put_part_at("many", digest, 1, stalled(), part_size=big,
+                                                 blob_size=len(data)))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await store.list_parts("many", digest) == []
+    for _ in range(50):                       # the writer threads close their files as they end
+        if len(os.listdir("/proc/self/fd")) <= fds:
+            break
+        await asyncio.sleep(0.02)
+    assert len(os.listdir("/proc/self/fd")) <= fds
+    for k, piece in enumerate((first, second)):
+        await asyncio.wait_for(store.put_part_at("many", digest, k, chunks_of(piece),
+                                                 part_size=big, blob_size=len(data)), 10)
+    assert await store.complete_parts("many", digest, 2, len(data)) == (digest, len(data))
+    assert await store.open_range(digest).read_all() == data
