@@ -30,6 +30,7 @@ __all__ = ["Downloader", "blob_url", "TRANSIENT_ERRORS"]
 TRANSIENT_ERRORS = (httpx.TransportError, OSError)
 _ATTEMPTS = 4
 _SAVE_EVERY_S = 0.5
+_HASH_PIECE = 1 << 20
 
 Write = Callable[[int, "bytes | memoryview"], None]
 
@@ -40,6 +41,46 @@ def blob_url(sha256: str) -> str:
 
 class _ShortRead(Exception):
     pass
+
+
+class _Frontier:
+    """The sha256 of a blob's contiguous written prefix while chunks land out of order.
+
+    A worker writing exactly at the frontier hashes its own buffer, still in the CPU cache; the
+    bytes written ahead of the frontier are hashed from the page cache once it reaches them
+    (``catch_up``). Either way under one lock, one piece at a time, so no byte is hashed twice
+    and no worker waits longer than one piece. A worker calls ``feed`` after writing and before
+    recording the write, so the catch-up never reaches bytes a worker is about to feed.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._hasher = hashlib.sha256()
+        self._lock = threading.Lock()
+        self._buf = bytearray(_HASH_PIECE)
+        self.at = 0
+
+    def feed(self, pos: int, data) -> None:
+        with self._lock:
+            if pos == self.at:
+                self._hasher.update(data)
+                self.at += len(data)
+
+    def catch_up(self, ready: int) -> None:
+        """Hash the written bytes ``[at, ready)`` from the file."""
+        view = memoryview(self._buf)
+        while True:
+            with self._lock:
+                if self.at >= ready:
+                    return
+                n = os.preadv(self._fd, [view[:min(len(view), ready - self.at)]], self.at)
+                if not n:
+                    raise _ShortRead(f"the file ends at byte {self.at}, before {ready}")
+                self._hasher.update(view[:n])
+                self.at += n
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
 
 
 class Downloader:
@@ -146,40 +187,38 @@ class Downloader:
         def work(i: int) -> None:
             try:
                 if not stop.is_set():
-                    self._fetch_chunk(fd, entry, state, i, stop, bar, None, notify)
+                    self._fetch_chunk(fd, entry, state, i, stop, bar, None, notify, frontier)
             except BaseException as exc:  # handed to the calling thread
                 errors.append(exc)
                 stop.set()
             finally:
                 notify()
 
+        frontier = _Frontier(fd)
         futures = [pool.submit(work, i) for i in range(state.chunk_count)
                    if not state.chunk_done(i)]
-        hasher = hashlib.sha256()
-        hashed = 0
         # Chunks land out of order, so the file's length says nothing after a hard kill: keep
         # a record of each chunk's progress, never ahead of what was written.
         self.cache.save_partial(entry.sha256, state)
         saved_at = time.monotonic()
         try:
-            # Hash the contiguous written prefix as it grows, from the page cache.
-            while hashed < entry.size:
+            # Hash what the workers wrote before the frontier reached it, from the page cache.
+            while frontier.at < entry.size:
                 if time.monotonic() - saved_at > _SAVE_EVERY_S:
                     self.cache.save_partial(entry.sha256, state)
                     saved_at = time.monotonic()
                 with progressed:
-                    k = hashed // state.chunk
-                    start, _ = state.chunk_range(k)
-                    ready = start + state.have[k]
-                    if ready <= hashed:
+                    at = frontier.at
+                    start, _ = state.chunk_range(at // state.chunk)
+                    ready = start + state.have[at // state.chunk]
+                    if ready <= at:
                         if errors:
                             break
                         progressed.wait(0.25)
                         continue
-                hash_file(path, hashed, ready, hasher)
-                hashed = ready
+                frontier.catch_up(ready)
         finally:
-            if errors or hashed < entry.size:
+            if errors or frontier.at < entry.size:
                 stop.set()
             for f in futures:
                 f.cancel()
@@ -188,7 +227,7 @@ class Downloader:
                     f.exception()
         if errors:
             raise errors[0]
-        return hasher.hexdigest()
+        return frontier.hexdigest()
 
     def _raw(self) -> RawHTTP:
         raw = getattr(self._local, "raw", None)
@@ -199,13 +238,16 @@ class Downloader:
 
     def _fetch_chunk(self, fd: int, entry: FileEntry, state: PartialState, i: int,
                      stop: threading.Event, bar, hasher=None,
-                     notify: Callable[[], None] | None = None) -> None:
+                     notify: Callable[[], None] | None = None,
+                     frontier: _Frontier | None = None) -> None:
         start, end = state.chunk_range(i)
 
         def write(pos: int, data) -> None:
             os.pwrite(fd, data, pos)
             if hasher is not None:
                 hasher.update(data)
+            if frontier is not None:
+                frontier.feed(pos, data)
             state.have[i] = pos + len(data) - start
             if bar is not None:
                 bar.update(len(data))
