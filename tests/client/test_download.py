@@ -232,3 +232,33 @@ def test_hard_killed_parallel_pull_resumes_from_its_record(blob_server, client_e
     assert (path / "w.bin").read_bytes() == data
     # The resumed pull fetched less than the whole blob: the record told it what was on disk.
     assert blob_server.bytes_sent(sha) - first < len(data)
+
+
+def test_the_hashed_frontier_takes_writes_in_any_order(tmp_path):
+    """Writes at the frontier are hashed from their buffer, writes ahead of it from the file
+    once it gets there; the digest is the file's either way."""
+    import hashlib
+
+    from quiver.client._download import _Frontier
+
+    data = os.urandom(5 * 100_000 + 7)
+    path = tmp_path / "blob"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        frontier = _Frontier(fd)
+        pieces = [(p, data[p:p + 100_000]) for p in range(0, len(data), 100_000)]
+        for pos, piece in [pieces[2], pieces[0], pieces[3], pieces[1], pieces[5], pieces[4]]:
+            os.pwrite(fd, piece, pos)
+            frontier.feed(pos, piece)
+            if pos == 0:
+                assert frontier.at == 100_000            # hashed from the buffer
+            if pos == 100_000:
+                assert frontier.at == 200_000            # piece 2 waits for the catch-up
+                frontier.catch_up(400_000)
+                assert frontier.at == 400_000
+        assert frontier.at == 500_000        # 4 from its buffer; 5, written first, waits
+        frontier.catch_up(len(data))
+        assert frontier.at == len(data)
+        assert frontier.hexdigest() == hashlib.sha256(data).hexdigest()
+    finally:
+        os.close(fd)
