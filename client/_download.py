@@ -74,8 +74,9 @@ class _Frontier:
                 if self.at >= ready:
                     return
                 n = os.preadv(self._fd, [view[:min(len(view), ready - self.at)]], self.at)
-                if not n:
-                    raise _ShortRead(f"the file ends at byte {self.at}, before {ready}")
+                if not n:    # shortened behind our back: fetched again from the start
+                    raise ChecksumMismatch(f"the partial download ends at byte {self.at}, "
+                                           f"before the {ready} bytes recorded as written")
                 self._hasher.update(view[:n])
                 self.at += n
 
@@ -166,7 +167,7 @@ class Downloader:
                 hasher = hash_file(path, 0, state.have[0]) if state.have[0] else hashlib.sha256()
                 self._fetch_chunk(fd, entry, state, 0, stop, bar, hasher)
                 return hasher.hexdigest()
-            return self._fetch_chunks(pool, fd, path, entry, state, stop, bar)
+            return self._fetch_chunks(pool, fd, entry, state, stop, bar)
         except BaseException:
             stop.set()
             raise
@@ -175,7 +176,7 @@ class Downloader:
             if state.missing_bytes():
                 self.cache.save_partial(entry.sha256, state)
 
-    def _fetch_chunks(self, pool, fd: int, path, entry: FileEntry, state: PartialState,
+    def _fetch_chunks(self, pool, fd: int, entry: FileEntry, state: PartialState,
                       stop: threading.Event, bar) -> str:
         errors: list[BaseException] = []
         progressed = threading.Condition()
