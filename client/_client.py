@@ -18,6 +18,7 @@ from quiver.wire import BaseModelInfo, RepoInfo, VersionInfo
 
 from quiver.client._cache import Cache, safe_relpath
 from quiver.client._download import Downloader
+from quiver.client._rawhttp import raw_usable
 from quiver.client._upload import collect_files, push_manifest, push_multipart
 from quiver.client.examples import read_examples
 from quiver.client.settings import ClientSettings
@@ -116,7 +117,8 @@ class Client:
         self.url = self.settings.registry_url.rstrip("/")
         self.cache = Cache(self.settings.cache_path)
         self._http = httpx.Client(transport=transport, **http_options(self.settings))
-        self._lean = transport is None
+        # Blob bytes bypass httpx over plain http, unless the caller gave it a transport.
+        self._lean = transport is None and raw_usable(self._http.base_url)
         self._downloader = Downloader(self._http, self.cache,
                                       parallel=self.settings.parallel_downloads,
                                       chunk=self.settings.part_size,

@@ -22,15 +22,14 @@ from quiver.errors import ChecksumMismatch, RegistryUnavailable, UpstreamError
 from quiver.http import raise_for_status
 from quiver.wire import FileEntry
 
-from quiver.client._cache import Cache, PartialState, hash_file
-from quiver.client._rawhttp import RawHTTP, raw_usable
+from quiver.client._cache import _HASH_BLOCK, Cache, PartialState, hash_file
+from quiver.client._rawhttp import RawHTTP
 
 __all__ = ["Downloader", "blob_url", "TRANSIENT_ERRORS"]
 
 TRANSIENT_ERRORS = (httpx.TransportError, OSError)
 _ATTEMPTS = 4
 _SAVE_EVERY_S = 0.5
-_HASH_PIECE = 1 << 20
 
 Write = Callable[[int, "bytes | memoryview"], None]
 
@@ -57,7 +56,7 @@ class _Frontier:
         self._fd = fd
         self._hasher = hashlib.sha256()
         self._lock = threading.Lock()
-        self._buf = bytearray(_HASH_PIECE)
+        self._buf = bytearray(_HASH_BLOCK)
         self.at = 0
 
     def feed(self, pos: int, data) -> None:
@@ -87,18 +86,18 @@ class _Frontier:
 class Downloader:
     """Fetches blobs named by :class:`FileEntry` into a :class:`Cache`.
 
-    ``lean=True`` lets plain-``http`` ranges bypass httpx (see ``_rawhttp``); it is off when
-    the caller gave the httpx client a transport of its own.
+    ``lean=True`` lets ranges bypass httpx (see ``_rawhttp``): only for a plain-http registry
+    reached without a proxy (``raw_usable``) nor a transport of the caller's.
     """
 
     def __init__(self, http: httpx.Client, cache: Cache, *, parallel: int = 4,
-                 chunk: int = 32 << 20, threshold: int = 64 << 20, lean: bool = True):
+                 chunk: int = 32 << 20, threshold: int = 64 << 20, lean: bool = False):
         self.http = http
         self.cache = cache
         self.parallel = max(1, parallel)
         self.chunk = max(1 << 16, chunk)
         self.threshold = threshold
-        self.lean = lean and raw_usable(http.base_url)
+        self.lean = lean
         self._local = threading.local()
 
     def missing(self, entries: list[FileEntry]) -> list[FileEntry]:

@@ -33,7 +33,7 @@ from quiver.http import raise_for_status
 from quiver.wire import VersionInfo
 
 from quiver.client._cache import Cache
-from quiver.client._rawhttp import RawHTTP, raw_usable
+from quiver.client._rawhttp import RawHTTP
 
 __all__ = ["LocalFile", "collect_files", "push_multipart", "push_manifest", "upload_key"]
 
@@ -88,11 +88,11 @@ def upload_key(repo: str, metadata: dict[str, Any], manifest: list[dict[str, Any
 
 def push_manifest(http: httpx.Client, cache: Cache, repo: str, metadata: dict[str, Any],
                   files: list[LocalFile], *, parallel: int = 4, bar=None,
-                  hash_while_sending: int = 16 << 20, lean: bool = True) -> VersionInfo:
+                  hash_while_sending: int = 16 << 20, lean: bool = False) -> VersionInfo:
     """Manifest-first push, resuming an earlier interrupted push of the same manifest.
 
-    ``lean=False`` sends every part through ``http`` (needed when it has a transport of its
-    own)."""
+    ``lean`` sends parts with ``sendfile`` instead of through ``http`` (only for a plain-http
+    registry reached without a proxy or a transport of the caller's: ``raw_usable``)."""
     known = {f.path: cache.known_sha256(f.local) for f in files}
     later = [f for f in files if known[f.path] is None and f.size >= hash_while_sending]
     with ThreadPoolExecutor(1, thread_name_prefix="quiver-hash") as hasher:
@@ -149,7 +149,7 @@ def push_manifest(http: httpx.Client, cache: Cache, repo: str, metadata: dict[st
         for attempt in range(2):
             _send_parts(http, upload_id, part_size, jobs, parallel, bar, skip=skip,
                         meanwhile=declare if attempt == 0 else None,
-                        lean=lean and raw_usable(http.base_url))
+                        lean=lean)
             r = http.post(f"/api/v1/uploads/{upload_id}/commit")
             try:
                 raise_for_status(r)

@@ -112,10 +112,7 @@ class _OrderedWriter:
         self._slots = asyncio.Semaphore(depth)
         self._queue: queue.SimpleQueue[tuple[list[bytes], int] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._drained: asyncio.Future[None] = self._loop.create_future()
-        self._lock = threading.Lock()
-        self._ended = False
-        self._then: Callable[[], None] | None = None
+        self._drained: asyncio.Future[None] = self._loop.create_future()   # the thread is done
         threading.Thread(target=self._run, name="quiver-part-writer", daemon=True).start()
 
     def _run(self) -> None:
@@ -127,11 +124,6 @@ class _OrderedWriter:
                     self._error = exc
             self._call_in_loop(self._slots.release)
         self._call_in_loop(self._settle)
-        with self._lock:
-            self._ended = True
-            then = self._then
-        if then is not None:
-            then()
 
     def _call_in_loop(self, fn: Callable[[], None]) -> None:
         try:
@@ -157,14 +149,9 @@ class _OrderedWriter:
             raise self._error
 
     def abandon(self, then: Callable[[], None]) -> None:
-        """Stop after the batches already handed over, then call ``then`` (on the writer's
-        thread, or here if it has ended)."""
+        """Stop after the batches already handed over, then call ``then`` in the event loop."""
         self._queue.put(None)
-        with self._lock:
-            if not self._ended:
-                self._then = then
-                return
-        then()
+        self._drained.add_done_callback(lambda _done: then())
 
 
 def _libc_sync_file_range():

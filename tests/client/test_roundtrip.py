@@ -95,8 +95,7 @@ def test_interrupted_pull_resumes_from_the_partial_file(registry, tiny_base, tmp
 
 
 def test_interrupted_push_resumes_without_resending_parts(registry, tiny_base, tmp_path):
-    adapter = write_demo_adapter(tmp_path / "big", _tiny_config(), r=128,
-                                 modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=7)
+    adapter = _several_parts(tmp_path / "big", seed=7)
     size = (adapter / "adapter_model.safetensors").stat().st_size
     assert size > 5 * 64 * 1024      # several 64 KiB parts
     crash = Recorder(crash_after_parts=3)
@@ -120,8 +119,7 @@ def test_interrupted_push_resumes_without_resending_parts(registry, tiny_base, t
 
 
 def test_push_sends_files_while_hashing_them_and_resumes(registry, tiny_base, tmp_path):
-    adapter = write_demo_adapter(tmp_path / "big", _tiny_config(), r=128,
-                                 modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=11)
+    adapter = _several_parts(tmp_path / "big", seed=11)
     weights = (adapter / "adapter_model.safetensors").read_bytes()
     w_sha = hashlib.sha256(weights).hexdigest()
     opts = dict(multipart_push_limit=0, parallel_uploads=1, hash_while_sending=0,
@@ -147,8 +145,7 @@ def test_push_sends_files_while_hashing_them_and_resumes(registry, tiny_base, tm
 
 
 def test_declared_hash_of_a_stored_blob_stops_the_upload(registry, tiny_base, tmp_path):
-    adapter = write_demo_adapter(tmp_path / "big", _tiny_config(), r=128,
-                                 modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=12)
+    adapter = _several_parts(tmp_path / "big", seed=12)
     size = (adapter / "adapter_model.safetensors").stat().st_size
     with _client(registry, multipart_push_limit=0, cache_dir=tmp_path / "c1") as c:
         first = c.push(adapter, "team/dedup-a", base_model=tiny_base)
@@ -176,8 +173,7 @@ def test_parts_sent_with_sendfile_land_and_refusals_come_back_typed(registry, ti
         return put_file(self, path, file, offset, length, **kw)
 
     monkeypatch.setattr(_rawhttp.RawHTTP, "put_file", spy)
-    adapter = write_demo_adapter(tmp_path / "lean", _tiny_config(), r=128,
-                                 modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=21)
+    adapter = _several_parts(tmp_path / "lean", seed=21)
     weights = adapter / "adapter_model.safetensors"
     with _client(registry, multipart_push_limit=0, parallel_uploads=2,
                  cache_dir=tmp_path / "c1") as c:
@@ -259,6 +255,12 @@ async def test_async_client_reads_and_downloads(registry, tiny_base, lora_adapte
     assert _files(dest) == _files(lora_adapter)
     for f in info.files:
         assert hashlib.sha256((dest / f.path).read_bytes()).hexdigest() == f.sha256
+
+
+def _several_parts(folder: Path, seed: int) -> Path:
+    """A tiny-Llama adapter whose weights span several of the registry's 64 KiB parts."""
+    return write_demo_adapter(folder, _tiny_config(), r=128,
+                              modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=seed)
 
 
 def _tiny_config() -> dict:

@@ -31,6 +31,25 @@ async def torn(data: bytes, after: int):
     raise ConnectionResetError("peer went away")
 
 
+async def cancel_mid_part(store: LocalBlobStore, key: str, digest: str, part: int, head: bytes,
+                          *, part_size: int, blob_size: int, after: float) -> None:
+    """Send ``head`` as the start of part ``part``, stall, and cancel the request ``after``
+    seconds in, as when the client goes away."""
+    stall = asyncio.Event()
+
+    async def stalled():
+        for i in range(0, len(head), 65536):
+            yield head[i:i + 65536]
+        await stall.wait()
+
+    task = asyncio.create_task(store.put_part_at(key, digest, part, stalled(),
+                                                 part_size=part_size, blob_size=blob_size))
+    await asyncio.sleep(after)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def pieces_of(data: bytes) -> list[bytes]:
     return [data[i:i + PART] for i in range(0, len(data), PART)]
 
@@ -258,18 +277,8 @@ async def test_a_cancelled_part_releases_its_locks(store):
     data = os.urandom(2 * PART)
     digest = sha(data)
     pieces = pieces_of(data)
-    stall = asyncio.Event()
-
-    async def stalled():
-        yield pieces[1][:10]
-        await stall.wait()
-
-    task = asyncio.create_task(store.put_part_at("gone", digest, 1, stalled(), part_size=PART,
-                                                 blob_size=len(data)))
-    await asyncio.sleep(0.2)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_mid_part(store, "gone", digest, 1, pieces[1][:10], part_size=PART,
+                          blob_size=len(data), after=0.2)
     assert await store.list_parts("gone", digest) == []
     for k in (0, 1):
         await asyncio.wait_for(store.put_part_at("gone", digest, k, chunks_of(pieces[k]),
@@ -289,19 +298,8 @@ async def test_parts_of_many_batches_survive_tearing_and_cancelling(store):
     with pytest.raises(ConnectionResetError):
         await store.put_part_at("many", digest, 0, torn(first, 4 * (1 << 20) + 17),
                                 part_size=big, blob_size=len(data))
-    stall = asyncio.Event()
-
-    async def stalled():
-        for i in range(0, 3 << 20, 65536):
-            yield second[i:i + 65536]
-        await stall.wait()
-
-    task = asyncio.create_task(store.put_part_at("many", digest, 1, stalled(), part_size=big,
-                                                 blob_size=len(data)))
-    await asyncio.sleep(0.3)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_mid_part(store, "many", digest, 1, second[:3 << 20], part_size=big,
+                          blob_size=len(data), after=0.3)
     assert await store.list_parts("many", digest) == []
     for _ in range(50):                       # the writer threads close their files as they end
         if len(os.listdir("/proc/self/fd")) <= fds:
