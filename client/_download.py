@@ -121,21 +121,30 @@ class Downloader:
         # outside it would race with another puller that is writing it.
         total = sum(e.size for e in todo)
         bar = _progress_bar(total, desc) if progress else None
-        fetched = 0
+        small = [e for e in todo if self._chunk_for(e) >= e.size]
+        large = [e for e in todo if self._chunk_for(e) < e.size]
         try:
-            with ThreadPoolExecutor(self.parallel, thread_name_prefix="quiver-dl") as pool:
-                for entry in todo:
-                    with self.cache.blob_lock(entry.sha256):
-                        if self.cache.has_blob(entry):  # another process fetched it meanwhile
-                            continue
-                        state = self.cache.load_partial(entry, self._chunk_for(entry))
-                        if bar is not None:        # what an earlier attempt already holds
-                            bar.update(entry.size - state.missing_bytes())
-                        fetched += self._fetch_verified(pool, entry, state, bar)
+            # Small blobs (a config, a tokenizer file) come one by one beside the large ones,
+            # which take the pool's connections in turn.
+            with ThreadPoolExecutor(self.parallel, thread_name_prefix="quiver-dl") as pool, \
+                    ThreadPoolExecutor(1, thread_name_prefix="quiver-dl-small") as side:
+                beside = side.submit(lambda: sum(self._fetch_locked(pool, e, bar) for e in small))
+                fetched = sum(self._fetch_locked(pool, e, bar) for e in large)
+                fetched += beside.result()
         finally:
             if bar is not None:
                 bar.close()
         return fetched
+
+    def _fetch_locked(self, pool, entry: FileEntry, bar) -> int:
+        """Fetch one blob under its lock; returns the bytes fetched."""
+        with self.cache.blob_lock(entry.sha256):
+            if self.cache.has_blob(entry):  # another process fetched it meanwhile
+                return 0
+            state = self.cache.load_partial(entry, self._chunk_for(entry))
+            if bar is not None:        # what an earlier attempt already holds
+                bar.update(entry.size - state.missing_bytes())
+            return self._fetch_verified(pool, entry, state, bar)
 
     def _chunk_for(self, entry: FileEntry) -> int:
         return self.chunk if entry.size >= self.threshold else max(1, entry.size)
