@@ -14,10 +14,11 @@ A blob's parts are staged one way or the other: as separate files (``put_part``)
 when completed, or written in place into one preallocated assembly file (``put_part_at``), which
 completing hashes once and renames into ``blobs/`` without copying. A part's marker is removed
 before its bytes are (re)written and created only once they are all written, so a part torn by
-a crashed process is never counted. Each part's flush to disk is started once it is sealed
-(without holding up the answer) and awaited by the fsync before publishing; should a power
-loss leave a marker whose bytes never reached the disk, completing finds the hash wrong and
-drops the parts to be sent again. Part writers hold a shared ``flock`` on the assembly and
+a crashed process is never counted. While a part arrives its bytes are flushed to disk in the
+background every ``_FLUSH_EVERY`` bytes, and the rest once it is sealed (without holding up the
+answer), so the fsync before publishing finds little left to wait for; a failed background
+flush fails the completion and drops the parts. Should a power loss leave a marker whose bytes
+never reached the disk, completing finds the hash wrong and drops the parts to be sent again. Part writers hold a shared ``flock`` on the assembly and
 completing holds an exclusive one, so no byte changes between hashing and publishing.
 
 Parts that arrive in order are hashed as they pass (a running sha256 of the received prefix,
@@ -42,11 +43,13 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from quiver.errors import BlobNotFound, ChecksumMismatch, Conflict, InvalidRequest
+from quiver.errors import BlobNotFound, ChecksumMismatch, Conflict, InvalidRequest, Unavailable
 
 from .base import (
     CHUNK_SIZE, BlobListing, BlobStream, check_part_number, check_range, check_sha256,
@@ -65,6 +68,10 @@ _WRITE_BUFFERS = 512
 _WRITE_DEPTH = 4
 """Batches that may wait for the writer thread while the event loop receives the next."""
 _HASH_BLOCK = 1 << 20     # pieces that stay in the CPU cache between read and hash
+_FLUSH_EVERY = 16 << 20
+"""Bytes written into an assembly, by all its parts, between background flushes to disk when
+blobs are fsynced. On a VM whose host caches the guest's writes, the fsync before publishing a
+200 MB blob waited 0.25-0.35 s for what had piled up; flushed as it arrives, 30-80 ms."""
 _PART_LOCK = "lock."
 _PART_WAIT_S = 30.0
 """How long a part waits for an earlier upload of the same part to end."""
@@ -72,6 +79,22 @@ _PART_WAIT_S = 30.0
 
 def _marker(part_number: int) -> str:
     return f"{_DONE}{part_number:06d}"
+
+
+@dataclass(eq=False)
+class _Flushes:
+    """Background flushes of one assembly: one at a time, each started once ``_FLUSH_EVERY``
+    more bytes were written."""
+
+    unflushed: int = 0
+    started: list[Future[None]] = field(default_factory=list)
+
+
+def _flush_and_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(eq=False)
@@ -104,10 +127,11 @@ class _OrderedWriter:
     """Writes one part's batches at their offsets, feeding the running hash, in arrival order on
     a thread of its own. Up to ``depth`` batches wait for it, so the event loop goes on
     receiving while the disk and the hash catch up (handing over one batch at a time kept the
-    loop waiting 29-47 ms per 64 MiB part)."""
+    loop waiting 29-47 ms per 64 MiB part). ``wrote(fd, n)`` is called after each write."""
 
-    def __init__(self, fd: int, hasher: hashlib._Hash | None, depth: int) -> None:
-        self._fd, self._hasher = fd, hasher
+    def __init__(self, fd: int, hasher: hashlib._Hash | None, depth: int, *,
+                 wrote: Callable[[int, int], None] | None = None) -> None:
+        self._fd, self._hasher, self._wrote = fd, hasher, wrote
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(depth)
         self._queue: queue.SimpleQueue[tuple[list[bytes], int] | None] = queue.SimpleQueue()
@@ -120,6 +144,8 @@ class _OrderedWriter:
             if self._error is None:
                 try:
                     _pwrite_all(self._fd, item[0], item[1], self._hasher)
+                    if self._wrote is not None:
+                        self._wrote(self._fd, sum(map(len, item[0])))
                 except BaseException as exc:  # noqa: BLE001 - raised in the event loop
                     self._error = exc
             self._call_in_loop(self._slots.release)
@@ -290,6 +316,9 @@ class LocalBlobStore:
             d.mkdir(parents=True, exist_ok=True)
         self._prefixes: dict[Path, _Prefix] = {}
         self._prefix_lock = threading.Lock()
+        self._flushes: dict[Path, _Flushes] = {}
+        self._flush_lock = threading.Lock()
+        self._flusher: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         return f"LocalBlobStore({str(self.root)!r})"
@@ -419,7 +448,9 @@ class LocalBlobStore:
         except asyncio.CancelledError:     # the thread goes on: release what it opens
             opening.add_done_callback(lambda f: self._release_opened(f, parts))
             raise
-        writer = _OrderedWriter(fd, prefix.hasher if prefix is not None else None, _WRITE_DEPTH)
+        wrote = (lambda fd, n: self._flush_soon(parts, fd, n)) if self.fsync else None
+        writer = _OrderedWriter(fd, prefix.hasher if prefix is not None else None, _WRITE_DEPTH,
+                                wrote=wrote)
         size = 0
         sealing: asyncio.Future[None] | None = None     # the thread sealing, once all is written
         try:
@@ -530,6 +561,35 @@ class LocalBlobStore:
                                 part_length(part_number, part_size, blob_size))
         self._catch_up(parts, part_size, blob_size)
 
+    # --- background flushes of assemblies (threads; under _flush_lock) ---------------------
+
+    def _flush_soon(self, parts: Path, fd: int, written: int) -> None:
+        """Count ``written`` more bytes in the assembly open as ``fd``; flush it to disk in a
+        thread once enough have piled up and no flush of it is running."""
+        with self._flush_lock:
+            state = self._flushes.setdefault(parts, _Flushes())
+            state.unflushed += written
+            if state.unflushed < _FLUSH_EVERY or (state.started
+                                                  and not state.started[-1].done()):
+                return
+            if self._flusher is None:
+                self._flusher = ThreadPoolExecutor(2, thread_name_prefix="quiver-flush")
+            state.unflushed = 0
+            state.started.append(self._flusher.submit(_flush_and_close, os.dup(fd)))
+
+    def _flushed(self, parts: Path) -> None:
+        """Wait for the background flushes of an assembly; raise if one failed, since the
+        fsync that follows need not report an error another call has seen already."""
+        with self._flush_lock:
+            state = self._flushes.pop(parts, None)
+        if state is None:
+            return
+        wait_futures(state.started)
+        for done in state.started:
+            if (error := done.exception()) is not None:
+                raise Unavailable(f"the staged parts of blob {parts.name} could not be written "
+                                  f"to disk: {error}", details={"sha256": parts.name})
+
     # --- the running hash of the received prefix (threads; under _prefix_lock) -------------
 
     def _claim_prefix(self, parts: Path, offset: int) -> _Prefix | None:
@@ -623,7 +683,7 @@ class LocalBlobStore:
             try:
                 await asyncio.to_thread(self._publish_assembly, parts, sha256, part_count,
                                         expected_size)
-            except (ChecksumMismatch, InvalidRequest):
+            except (ChecksumMismatch, InvalidRequest, Unavailable):
                 await self.abort_parts(upload_key, key)
                 raise
             await self.abort_parts(upload_key, key)
@@ -695,6 +755,7 @@ class LocalBlobStore:
                     size += n
             _verify(h.hexdigest(), size, sha256, expected_size)
             if self.fsync:
+                self._flushed(parts)
                 os.fsync(fd)
             self._publish(path, sha256)
         finally:
@@ -718,6 +779,9 @@ class LocalBlobStore:
             with self._prefix_lock:
                 for key in [k for k in self._prefixes if k == target or target in k.parents]:
                     del self._prefixes[key]
+            with self._flush_lock:
+                for key in [k for k in self._flushes if k == target or target in k.parents]:
+                    del self._flushes[key]
             shutil.rmtree(target, ignore_errors=True)
             if sha256 is not None:
                 with contextlib.suppress(OSError):

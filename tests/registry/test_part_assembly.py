@@ -4,13 +4,14 @@ completion and renamed into place; torn, short, long and re-sent parts."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 
 import pytest
 
-from quiver.errors import ChecksumMismatch, InvalidRequest
-from quiver.registry.storage import LocalBlobStore
+from quiver.errors import ChecksumMismatch, InvalidRequest, Unavailable
+from quiver.registry.storage import LocalBlobStore, local
 from quiver.registry.storage.base import PartAssembler, part_length
 
 PART = 100_000
@@ -310,4 +311,57 @@ async def test_parts_of_many_batches_survive_tearing_and_cancelling(store):
         await asyncio.wait_for(store.put_part_at("many", digest, k, chunks_of(piece),
                                                  part_size=big, blob_size=len(data)), 10)
     assert await store.complete_parts("many", digest, 2, len(data)) == (digest, len(data))
+    assert await store.open_range(digest).read_all() == data
+
+
+async def put_all(store: LocalBlobStore, key: str, data: bytes) -> str:
+    digest = sha(data)
+    for k, piece in enumerate(pieces_of(data)):
+        await store.put_part_at(key, digest, k, chunks_of(piece), part_size=PART,
+                                blob_size=len(data))
+    return digest
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+async def test_parts_are_flushed_to_disk_while_they_arrive(tmp_path, monkeypatch, fsync):
+    store = LocalBlobStore(tmp_path / "store", fsync=fsync)
+    monkeypatch.setattr(local, "_FLUSH_EVERY", PART // 2)
+    flushed: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushed.append(os.fstat(fd).st_ino)
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    data = os.urandom(3 * PART)
+    digest = await put_all(store, "flush", data)
+    assembly = os.stat(store.root / "uploads" / "flush" / digest / "assembly").st_ino
+    assert await store.complete_parts("flush", digest, 3, len(data)) == (digest, len(data))
+    if fsync:
+        assert flushed and set(flushed) == {assembly}
+    else:
+        assert flushed == []
+    assert await store.open_range(digest).read_all() == data
+    assert store._flushes == {}
+
+
+async def test_a_failed_background_flush_publishes_nothing(store, monkeypatch):
+    monkeypatch.setattr(local, "_FLUSH_EVERY", PART // 2)
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", failing)
+    data = os.urandom(3 * PART)
+    digest = await put_all(store, "eio", data)
+    with pytest.raises(Unavailable) as info:
+        await store.complete_parts("eio", digest, 3, len(data))
+    assert info.value.code == "unavailable"
+    assert "could not be written to disk" in info.value.message
+    assert not await store.exists(digest)
+    assert await store.list_parts("eio", digest) == []
+    # The parts sent again, to a disk that works again, publish.
+    monkeypatch.setattr(os, "fdatasync", real)
+    await put_all(store, "eio", data)
+    assert await store.complete_parts("eio", digest, 3, len(data)) == (digest, len(data))
     assert await store.open_range(digest).read_all() == data
