@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import mmap
 import os
 
 import httpx
@@ -81,6 +82,30 @@ async def test_ranges_are_inclusive_and_clamped(store):
         await store.open_range(digest, len(data))
     with pytest.raises(InvalidRequest):
         await store.open_range(digest, 20, 10)
+
+
+@pytest.mark.parametrize("populate", ["madvise", "touch"])
+async def test_local_ranges_are_sent_across_mapped_windows(tmp_path, monkeypatch, populate):
+    from quiver.registry.storage import local
+
+    grain = mmap.ALLOCATIONGRANULARITY
+    monkeypatch.setattr(local, "_SEND_WINDOW", 3 * grain + 123)
+    if populate == "touch":      # a kernel without MADV_POPULATE_READ: pages touched instead
+        monkeypatch.setattr(local, "_MADV_POPULATE_READ", -1)
+    store = LocalBlobStore(tmp_path / "store")
+    data = os.urandom(5 * (1 << 20) + 777)
+    digest, _ = await store.put_stream(chunks_of(data, 1 << 20))
+    for start, end in [(0, None), (1, 12345), (grain - 1, 4 << 20), (len(data) - 10, None),
+                       (3 * grain - 1, 3 * grain + 1), (5 * grain + 7, 5 * grain + 7)]:
+        stream = await store.open_range(digest, start, end)
+        chunks = [bytes(c) async for c in stream]
+        assert b"".join(chunks) == data[start:None if end is None else end + 1]
+        assert max(map(len, chunks)) <= 1 << 20
+    # A blob deleted while it is being sent is still sent whole.
+    stream = await store.open_range(digest)
+    first = bytes(await stream.__anext__())
+    await store.delete(digest)
+    assert first + b"".join([bytes(c) async for c in stream]) == data
 
 
 async def test_empty_blob(store):
