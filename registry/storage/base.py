@@ -121,7 +121,8 @@ class BlobStream(abc.ABC):
     ``await stream`` opens it eagerly (so a missing blob raises BlobNotFound before any response
     starts) and returns the stream itself; ``async for chunk in stream`` opens it on the first
     chunk if that has not happened yet. Chunks are at most :data:`CHUNK_SIZE` bytes. The stream
-    closes itself when exhausted; call :meth:`aclose` when abandoning it early.
+    closes itself when exhausted; call :meth:`aclose` when abandoning it early. Chunks are
+    ``bytes`` or read-only memoryviews (the local store's, of the mapped file).
     """
 
     def __init__(self) -> None:
@@ -134,7 +135,7 @@ class BlobStream(abc.ABC):
     async def _open(self) -> None: ...
 
     @abc.abstractmethod
-    async def _read(self) -> bytes: ...
+    async def _read(self) -> bytes | memoryview: ...
 
     @abc.abstractmethod
     async def _release(self) -> None: ...
@@ -151,7 +152,7 @@ class BlobStream(abc.ABC):
     def __aiter__(self) -> BlobStream:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> bytes | memoryview:
         if self._closed:
             raise StopAsyncIteration
         try:

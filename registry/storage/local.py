@@ -72,7 +72,7 @@ _WRITE_DEPTH = 4
 _HASH_BLOCK = 1 << 20     # pieces that stay in the CPU cache between read and hash
 _SEND_WINDOW = 8 << 20
 """Bytes of a blob mapped and faulted in per trip to a worker thread when it is sent."""
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)    # Linux 5.14; 22 on every arch
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)    # Linux 5.14, not named in 3.11
 _FLUSH_EVERY = 16 << 20
 """Bytes written into an assembly, by all its parts, between background flushes to disk when
 blobs are fsynced. On a VM whose host caches the guest's writes, the fsync before publishing a
@@ -311,7 +311,7 @@ class _FileRange(BlobStream):
                 mapped[i]
         return memoryview(mapped)[self._pos - base:]
 
-    async def _read(self) -> bytes:
+    async def _read(self) -> memoryview | bytes:
         if self._pos >= self._stop or self._fd < 0:
             return b""
         if self._window is None or self._taken >= len(self._window):
@@ -320,7 +320,7 @@ class _FileRange(BlobStream):
         chunk = self._window[self._taken:self._taken + CHUNK_SIZE]
         self._taken += len(chunk)
         self._pos += len(chunk)
-        return chunk  # type: ignore[return-value]   # bytes-like: the server writes it as is
+        return chunk
 
     async def _release(self) -> None:
         self._window = None
