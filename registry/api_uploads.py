@@ -12,9 +12,9 @@ import asyncio
 import hashlib
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
@@ -38,6 +38,7 @@ from quiver.wire import VersionInfo
 __all__ = ["router"]
 
 router = APIRouter(tags=["push"])
+_T = TypeVar("_T")
 
 
 def _validation_error(exc: ValidationError, what: str) -> InvalidRequest:
@@ -113,8 +114,9 @@ async def push(repo: str, request: Request, reg: RegistryDep, principal: Writer)
         facts = await inspect_adapter(meta, sources, ctx.base,
                                       max_json_bytes=settings.max_json_bytes)
         # An open upload row shields the new blobs from collection until the version exists.
-        upload = await _insert_upload(reg, uuid.uuid4().hex, repo, meta,
-                                      [f.model_dump() for f in files], principal.name)
+        upload = _new_upload(reg, uuid.uuid4().hex, repo, meta,
+                             [f.model_dump() for f in files], principal.name)
+        await _insert_upload(reg, upload)
         try:
             for f in files:
                 await _store_blob(reg, f, _upload_chunks(by_path[f.path]))
@@ -209,14 +211,13 @@ def _new_upload(reg: Registry, upload_id: str, repo: str, meta: PushMetadata,
                   expires_at=datetime.now(UTC) + timedelta(seconds=reg.settings.upload_ttl_s))
 
 
-async def _insert_upload(reg: Registry, upload_id: str, repo: str, meta: PushMetadata,
-                         files: list[dict[str, Any]], pushed_by: str) -> Upload:
-    upload = _new_upload(reg, upload_id, repo, meta, files, pushed_by)
-
-    def insert(session: Session) -> Upload:
+async def _insert_upload(reg: Registry, upload: Upload,
+                         then: Callable[[Session], _T] = lambda session: None) -> _T:
+    """Store ``upload``; returns what ``then`` answers in the same trip to the database."""
+    def insert(session: Session) -> _T:
         session.add(upload)
         session.commit()
-        return upload
+        return then(session)
 
     return await reg.db.run(insert)
 
@@ -272,13 +273,7 @@ async def create_upload(repo: str, body: UploadCreate, reg: RegistryDep,
         else:
             entries.append({"path": f.path, "size": f.size, "sha256": f.sha256})
     upload = _new_upload(reg, upload_id, repo, body.metadata, entries, principal.name)
-
-    def insert(session: Session) -> list[str]:
-        session.add(upload)
-        session.commit()
-        return _wanted_in(session, upload)
-
-    missing = await reg.db.run(insert)
+    missing = await _insert_upload(reg, upload, lambda session: _wanted_in(session, upload))
     return {"upload_id": upload.id, "missing": missing, "deferred": deferred,
             "part_size": upload.part_size, "expires_at": upload.expires_at.isoformat()}
 

@@ -72,14 +72,11 @@ async def publish(reg: Registry, *, ctx: PushContext, meta: PushMetadata,
     def write(session: Session) -> tuple[VersionInfo, list[str]]:
         pending = crud.create_version(session, repo=ctx.repo, meta=meta, files=files, facts=facts,
                                       pushed_by=principal.name, upload_id=upload_id)
-        version, moved = crud.publish_version(session, version_id=pending.id,
-                                              aliases=meta.aliases)
         if upload_id is not None:
             upload = session.get(Upload, upload_id)
-            upload.state, upload.version_id = "committed", version.id
+            upload.state, upload.version_id = "committed", pending.id
             session.add(upload)
-            session.commit()
-        return crud.version_infos(session, [version])[0], moved
+        return _made_ready(session, pending.id, meta.aliases)
 
     info, moved = await reg.db.run(write, write=True)
     await _announce(reg, info, moved)
@@ -88,13 +85,16 @@ async def publish(reg: Registry, *, ctx: PushContext, meta: PushMetadata,
 
 async def finish(reg: Registry, *, version_id: int, aliases: list[str]) -> VersionInfo:
     """Pending → ready (idempotent), with aliases and events."""
-    def write(session: Session) -> tuple[VersionInfo, list[str]]:
-        version, moved = crud.publish_version(session, version_id=version_id, aliases=aliases)
-        return crud.version_infos(session, [version])[0], moved
-
-    info, moved = await reg.db.run(write, write=True)
+    info, moved = await reg.db.run(lambda s: _made_ready(s, version_id, aliases), write=True)
     await _announce(reg, info, moved)
     return info
+
+
+def _made_ready(session: Session, version_id: int,
+                aliases: list[str]) -> tuple[VersionInfo, list[str]]:
+    """Pending → ready with its aliases; the version and the aliases that moved."""
+    version, moved = crud.publish_version(session, version_id=version_id, aliases=aliases)
+    return crud.version_infos(session, [version])[0], moved
 
 
 async def _announce(reg: Registry, info: VersionInfo, moved: list[str]) -> None:

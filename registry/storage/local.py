@@ -185,35 +185,6 @@ class _OrderedWriter:
         self._drained.add_done_callback(lambda _done: then())
 
 
-def _libc_sync_file_range():
-    try:
-        import ctypes
-        import ctypes.util
-
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _libc_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing ``[offset, offset + length)`` to disk (Linux
-    ``sync_file_range``), so the fsync before publishing finds little left to flush; then close
-    ``fd``. Queuing the writes can itself wait on a busy disk, so this runs after the part has
-    been answered."""
-    try:
-        if _sync_file_range is not None and length > 0:
-            _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-    finally:
-        os.close(fd)
-
-
 def _read_token(parts: Path, part_number: int) -> str | None:
     try:
         return (parts / _marker(part_number)).read_text()
@@ -511,8 +482,7 @@ class LocalBlobStore:
                 self._seal_slot, fd, parts, part_number, prefix, part_size, blob_size))
             await asyncio.shield(sealing)
             if self.fsync:    # not awaited: the fsync before publishing waits for it all
-                asyncio.get_running_loop().run_in_executor(
-                    None, _start_writeback, os.dup(fd), offset, length)
+                self._flush_soon(parts, fd, 0, rest=True)
         except BaseException:
             if prefix is not None:
                 self._drop_prefix(parts, prefix)
@@ -595,14 +565,15 @@ class LocalBlobStore:
 
     # --- background flushes of assemblies (threads; under _flush_lock) ---------------------
 
-    def _flush_soon(self, parts: Path, fd: int, written: int) -> None:
+    def _flush_soon(self, parts: Path, fd: int, written: int, *, rest: bool = False) -> None:
         """Count ``written`` more bytes in the assembly open as ``fd``; flush it to disk in a
-        thread once enough have piled up and no flush of it is running."""
+        thread once enough have piled up (with ``rest``, any), unless a flush of it is
+        running."""
         with self._flush_lock:
             state = self._flushes.setdefault(parts, _Flushes())
             state.unflushed += written
-            if state.unflushed < _FLUSH_EVERY or (state.started
-                                                  and not state.started[-1].done()):
+            if state.unflushed < (1 if rest else _FLUSH_EVERY) or (
+                    state.started and not state.started[-1].done()):
                 return
             if self._flusher is None:
                 self._flusher = ThreadPoolExecutor(2, thread_name_prefix="quiver-flush")
