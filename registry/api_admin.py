@@ -69,6 +69,7 @@ async def delete_token(token_id: int, reg: RegistryDep, _: Admin) -> Response:
         session.commit()
 
     await reg.db.run(remove)
+    reg.principals.forget(token_id)
     return Response(status_code=204)
 
 

@@ -418,13 +418,28 @@ async def commit_upload(upload_id: str, reg: RegistryDep, principal: Writer) -> 
 
 
 async def _commit(reg: Registry, upload_id: str, principal: Principal) -> VersionInfo:
-    upload = await _load_upload(reg, upload_id)
+    def load(session: Session) -> tuple[Upload | None, Version | None, list[str] | None]:
+        """The upload, a version it left pending, and which of its blobs are not stored yet
+        (None when its files cannot be listed yet: the error is raised once it is known who
+        is asking)."""
+        upload = session.get(Upload, upload_id)
+        if upload is None or upload.version_id is not None:
+            return upload, None, None
+        pending = session.exec(select(Version).where(
+            Version.upload_id == upload_id, Version.status == "pending")).first()
+        try:
+            shas = list(dict.fromkeys(f.sha256 for f in _files(upload)))
+        except Conflict:
+            return upload, pending, None
+        return upload, pending, _missing_in(session, shas)
+
+    upload, pending, missing = await reg.db.run(load)
+    if upload is None:
+        raise UploadNotFound(f"no upload {upload_id!r}", details={"upload_id": upload_id})
     principal.require_write(upload.repo)
     meta = PushMetadata.model_validate(upload.meta)
     if upload.version_id is not None:            # committed before, answered again
         return await pipeline.version_info(reg, upload.version_id)
-    pending = await reg.db.run(lambda s: s.exec(select(Version).where(
-        Version.upload_id == upload_id, Version.status == "pending")).first())
     if pending is not None:                      # interrupted between number and publish
         info = await pipeline.finish(reg, version_id=pending.id, aliases=meta.aliases)
         await _mark(reg, upload_id, "committed", pending.id)
@@ -433,7 +448,7 @@ async def _commit(reg: Registry, upload_id: str, principal: Principal) -> Versio
     files = _files(upload)
     sizes = {f.sha256: f.size for f in files}
     staged = _staged(upload)
-    missing = await _missing(reg, list(sizes))
+    assert missing is not None                   # _files raised otherwise
     incomplete: dict[str, list[int]] = {}
     for sha in missing:
         key = staged.get(sha, sha)

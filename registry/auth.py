@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -18,8 +20,8 @@ from sqlmodel import Session, select
 from quiver.errors import Forbidden, Unauthorized
 from quiver.registry.models import Token
 
-__all__ = ["Principal", "ANONYMOUS", "hash_token", "new_token_secret", "principal_for_token",
-           "ensure_admin_token", "BOOTSTRAP_TOKEN_NAME"]
+__all__ = ["Principal", "ANONYMOUS", "PrincipalCache", "hash_token", "new_token_secret",
+           "principal_for_token", "ensure_admin_token", "BOOTSTRAP_TOKEN_NAME"]
 
 BOOTSTRAP_TOKEN_NAME = "bootstrap-admin"
 _IMPLIED = {"admin": {"admin", "write", "read"}, "write": {"write", "read"}, "read": {"read"}}
@@ -89,6 +91,52 @@ def principal_for_token(session: Session, secret: str) -> Principal:
         raise Unauthorized("invalid or revoked token")
     return Principal(name=row.name, scopes=_effective(row.scopes),
                      repos=tuple(row.repos) if row.repos is not None else None, token_id=row.id)
+
+
+class PrincipalCache:
+    """Principals of recently used tokens, by token hash, each kept ``ttl_s`` seconds.
+
+    A push or a pull is a burst of requests with one token (manifest, parts, commit; ranged
+    reads): the burst costs one lookup. A token deleted through this process is forgotten at
+    once; another process serving the same database stops accepting it within ``ttl_s``.
+    Only known tokens are kept, so a bad token is looked up (and refused) every time.
+    """
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Principal]] = {}     # digest -> (looked up, who)
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Principal | None:
+        if self.ttl_s <= 0:
+            return None
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            if entry[0] + self.ttl_s <= time.monotonic():
+                del self._entries[digest]
+                return None
+            return entry[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        if self.ttl_s <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries = {k: v for k, v in self._entries.items()
+                                 if v[0] + self.ttl_s > now}
+                while len(self._entries) >= self.MAX_ENTRIES:     # all fresh: drop the oldest
+                    del self._entries[next(iter(self._entries))]
+            self._entries[digest] = (now, principal)
+
+    def forget(self, token_id: int) -> None:
+        with self._lock:
+            self._entries = {k: v for k, v in self._entries.items()
+                             if v[1].token_id != token_id}
 
 
 def ensure_admin_token(session: Session, secret: str) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from quiver.errors import Unauthorized
-from quiver.registry.auth import ANONYMOUS, Principal, principal_for_token
+from quiver.registry.auth import ANONYMOUS, Principal, hash_token, principal_for_token
 from quiver.registry.settings import Settings
 from quiver.registry.state import Registry
 
@@ -48,7 +48,12 @@ async def current_principal(request: Request, registry: RegistryDep) -> Principa
     secret = _bearer(request)
     if secret is None:
         return _ANONYMOUS_READER if registry.settings.anonymous_read else ANONYMOUS
-    return await registry.db.run(lambda session: principal_for_token(session, secret))
+    digest = hash_token(secret)
+    principal = registry.principals.get(digest)
+    if principal is None:
+        principal = await registry.db.run(lambda session: principal_for_token(session, secret))
+        registry.principals.put(digest, principal)
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -12,6 +12,7 @@ Pickled checkpoints (``.bin``, ``.pt``, ...) are never accepted: loading one run
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -109,7 +110,16 @@ def parse_safetensors_header(data_prefix: bytes, file_size: int, *, max_header: 
                       file_name)
     if len(data_prefix) < 8 + n:
         raise ValueError(f"need the first {8 + n} bytes of the file, got {len(data_prefix)}")
-    raw = data_prefix[8:8 + n]
+    raw = bytes(data_prefix[8:8 + n])
+    if n > _MEMO_MAX_HEADER:
+        return dict(_parse_table(raw, file_size, file_name))
+    return dict(_parse_table_memo(raw, file_size, file_name))
+
+
+def _parse_table(raw: bytes, file_size: int,
+                 file_name: str | None) -> tuple[tuple[str, TensorMeta], ...]:
+    """The tensor table of header JSON ``raw`` in a ``file_size``-byte file, in file order."""
+    n = len(raw)
     if not raw.startswith(b"{"):
         raise _refuse("header must start with '{' (no leading whitespace)", file_name)
     try:
@@ -202,7 +212,14 @@ def parse_safetensors_header(data_prefix: bytes, file_size: int, *, max_header: 
     if problems:
         raise _refuse(problems[0]["problem"], file_name, problems=problems)
     order = {name: begin for begin, _, name in spans}
-    return dict(sorted(tensors.items(), key=lambda item: order[item[0]]))
+    return tuple(sorted(tensors.items(), key=lambda item: order[item[0]]))
+
+
+# The registry parses a weights file's header when its first part arrives and again when the
+# push is committed: the table of the same bytes is kept for the second look (headers up to
+# 1 MiB, the last few files; a refused header is parsed again, and refused again, each time).
+_MEMO_MAX_HEADER = 1 << 20
+_parse_table_memo = functools.lru_cache(maxsize=8)(_parse_table)
 
 
 # --- pickles -----------------------------------------------------------------------------------

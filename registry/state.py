@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from quiver.events import EventBus, make_event_bus
 from quiver.logging import get_logger, log_event
+from quiver.registry.auth import PrincipalCache
 from quiver.registry.db import Database
 from quiver.registry.settings import Settings
 from quiver.registry.storage import BlobStore, make_blob_store
@@ -25,6 +26,7 @@ class Registry:
     db: Database
     store: BlobStore
     bus: EventBus
+    principals: PrincipalCache = field(default_factory=lambda: PrincipalCache(0))
     # Upload id -> [lock, holders]: a second commit of one upload waits for the first.
     _commit_locks: dict[str, list] = field(default_factory=dict)
 
@@ -63,4 +65,5 @@ def build_registry(settings: Settings) -> Registry:
         endpoint=settings.s3_endpoint, access_key=settings.s3_access_key,
         secret_key=settings.s3_secret_key, bucket=settings.s3_bucket,
         secure=settings.s3_secure, region=settings.s3_region)
-    return Registry(settings=settings, db=db, store=store, bus=make_event_bus(settings.redis_url))
+    return Registry(settings=settings, db=db, store=store, bus=make_event_bus(settings.redis_url),
+                    principals=PrincipalCache(settings.token_cache_s))

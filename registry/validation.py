@@ -64,13 +64,19 @@ def check_manifest(meta: PushMetadata, files: list[ManifestFile], *, max_file_by
     return out
 
 
+_FIRST_READ = 256 * 1024      # holds the whole header of most adapters: one read, not two
+
+
 async def _safetensors_tensors(src: FileSource) -> dict[str, TensorMeta]:
-    """The tensor table of a safetensors file, read with two ranged reads."""
-    prefix = await src.read_prefix(min(8, src.size))
+    """The tensor table of a safetensors file, read with one ranged read (two for a header
+    longer than ``_FIRST_READ``)."""
+    prefix = await src.read_prefix(min(_FIRST_READ, src.size))
     n = header_length(prefix) if src.size >= 8 else 0
     if src.size < 8 or n > HEADER_CAP or 8 + n > src.size:
         return parse_safetensors_header(prefix, src.size, file_name=src.path)  # raises
-    return parse_safetensors_header(await src.read_prefix(8 + n), src.size, file_name=src.path)
+    if 8 + n > len(prefix):
+        prefix = await src.read_prefix(8 + n)
+    return parse_safetensors_header(prefix, src.size, file_name=src.path)
 
 
 async def _json(src: FileSource, max_json_bytes: int) -> Any:

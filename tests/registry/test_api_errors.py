@@ -235,3 +235,47 @@ async def test_chunked_push_over_the_limit_is_cut_off(harness_factory, tiny_llam
         assert_error(r, 413, "payload_too_large")
         assert "content-length" not in {k.lower() for k in r.request.headers}
         assert (await h.client.get("/api/v1/health")).status_code == 200
+
+
+async def test_token_lookups_are_cached_only_for_known_tokens(harness_factory):
+    """A token's principal is reused for token_cache_s; a token deleted behind this process's
+    back (by another registry process, say) stops working once that has passed, and at once
+    with the cache off."""
+    from sqlmodel import select
+
+    from quiver.registry.models import Token
+
+    for ttl in (0.0, 30.0):
+        async with harness_factory(anonymous_read=False, token_cache_s=ttl) as h:
+            c = h.client
+            r = await c.post("/api/v1/tokens", headers=AUTH,
+                             json={"name": "t-read", "scopes": ["read"]})
+            reader = {"Authorization": f"Bearer {r.json()['token']}"}
+            assert (await c.get("/api/v1/whoami", headers=reader)).status_code == 200
+            with h.registry.db.session() as s:        # as another process would
+                s.delete(s.exec(select(Token).where(Token.name == "t-read")).one())
+                s.commit()
+            r = await c.get("/api/v1/whoami", headers=reader)
+            if ttl:
+                assert r.status_code == 200
+                h.registry.principals.ttl_s = 1e-9     # its entry is now past its time
+                assert (await c.get("/api/v1/whoami", headers=reader)).status_code == 401
+            else:
+                assert_error(r, 401, "unauthorized")
+            bad = {"Authorization": "Bearer qvr_never_issued"}
+            for _ in range(2):
+                assert_error(await c.get("/api/v1/whoami", headers=bad), 401, "unauthorized")
+
+
+def test_principal_cache_stays_bounded():
+    from quiver.registry.auth import Principal, PrincipalCache
+
+    cache = PrincipalCache(60.0)
+    cache.MAX_ENTRIES = 3
+    who = [Principal(name=f"t{i}", scopes=frozenset({"read"}), token_id=i) for i in range(5)]
+    for i, p in enumerate(who):
+        cache.put(f"d{i}", p)
+    assert [cache.get(f"d{i}") for i in range(5)] == [None, None, who[2], who[3], who[4]]
+    cache.forget(3)
+    assert cache.get("d3") is None and cache.get("d4") == who[4]
+    assert PrincipalCache(0).get("d0") is None
