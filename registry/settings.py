@@ -38,9 +38,7 @@ class Settings(BaseQuiverSettings):
 
     admin_token: str | None = None               # bootstrap admin token, stored hashed at start
     anonymous_read: bool = True                  # reads without a token; writes always need one
-    # A known token is looked up again after this many seconds (0: on every request); a token
-    # deleted through another registry process still works here until then.
-    token_cache_s: float = Field(default=5.0, ge=0)
+    token_cache_s: float = Field(default=5.0, ge=0)  # known tokens are looked up again after this
 
     max_file_bytes: int = Field(default=8 * _GiB, gt=0)            # largest file in a push
     max_push_bytes: int = Field(default=16 * _GiB, gt=0)           # largest push, all files
