@@ -228,10 +228,6 @@ def _missing_in(session: Session, shas: list[str]) -> list[str]:
     return [s for s in shas if s not in have]
 
 
-async def _missing(reg: Registry, shas: list[str]) -> list[str]:
-    return await reg.db.run(lambda session: _missing_in(session, shas))
-
-
 async def _load_upload(reg: Registry, upload_id: str) -> Upload:
     upload = await reg.db.run(lambda s: s.get(Upload, upload_id))
     if upload is None:

@@ -98,8 +98,9 @@ class PrincipalCache:
 
     A push or a pull is a burst of requests with one token (manifest, parts, commit; ranged
     reads): the burst costs one lookup. A token deleted through this process is forgotten at
-    once; another process serving the same database stops accepting it within ``ttl_s``.
-    Only known tokens are kept, so a bad token is looked up (and refused) every time.
+    once, and a lookup that began before the deletion is not kept; another process serving the
+    same database stops accepting it within ``ttl_s``. Only known tokens are kept, so a bad
+    token is looked up (and refused) every time.
     """
 
     MAX_ENTRIES = 4096
@@ -108,6 +109,8 @@ class PrincipalCache:
         self.ttl_s = ttl_s
         self._entries: dict[str, tuple[float, Principal]] = {}     # digest -> (looked up, who)
         self._lock = threading.Lock()
+        self.generation = 0
+        """Bumped by every :meth:`forget`; :meth:`put` drops a lookup that began before one."""
 
     def get(self, digest: str) -> Principal | None:
         if self.ttl_s <= 0:
@@ -121,11 +124,14 @@ class PrincipalCache:
                 return None
             return entry[1]
 
-    def put(self, digest: str, principal: Principal) -> None:
+    def put(self, digest: str, principal: Principal, *, generation: int) -> None:
+        """Keep what a lookup begun at ``generation`` found."""
         if self.ttl_s <= 0:
             return
         now = time.monotonic()
         with self._lock:
+            if generation != self.generation:
+                return
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries = {k: v for k, v in self._entries.items()
                                  if v[0] + self.ttl_s > now}
@@ -135,6 +141,7 @@ class PrincipalCache:
 
     def forget(self, token_id: int) -> None:
         with self._lock:
+            self.generation += 1
             self._entries = {k: v for k, v in self._entries.items()
                              if v[1].token_id != token_id}
 

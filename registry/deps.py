@@ -51,8 +51,9 @@ async def current_principal(request: Request, registry: RegistryDep) -> Principa
     digest = hash_token(secret)
     principal = registry.principals.get(digest)
     if principal is None:
+        generation = registry.principals.generation
         principal = await registry.db.run(lambda session: principal_for_token(session, secret))
-        registry.principals.put(digest, principal)
+        registry.principals.put(digest, principal, generation=generation)
     return principal
 
 

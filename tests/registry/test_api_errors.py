@@ -267,15 +267,18 @@ async def test_token_lookups_are_cached_only_for_known_tokens(harness_factory):
                 assert_error(await c.get("/api/v1/whoami", headers=bad), 401, "unauthorized")
 
 
-def test_principal_cache_stays_bounded():
+def test_principal_cache_stays_bounded_and_forgets_deleted_tokens():
     from quiver.registry.auth import Principal, PrincipalCache
 
     cache = PrincipalCache(60.0)
     cache.MAX_ENTRIES = 3
     who = [Principal(name=f"t{i}", scopes=frozenset({"read"}), token_id=i) for i in range(5)]
     for i, p in enumerate(who):
-        cache.put(f"d{i}", p)
+        cache.put(f"d{i}", p, generation=cache.generation)
     assert [cache.get(f"d{i}") for i in range(5)] == [None, None, who[2], who[3], who[4]]
+    began = cache.generation
     cache.forget(3)
     assert cache.get("d3") is None and cache.get("d4") == who[4]
+    cache.put("d3", who[3], generation=began)      # looked up before the token was deleted
+    assert cache.get("d3") is None
     assert PrincipalCache(0).get("d0") is None
