@@ -217,9 +217,8 @@ class Downloader:
                     self.cache.save_partial(entry.sha256, state)
                     saved_at = time.monotonic()
                 with progressed:
-                    at = frontier.at
-                    start, _ = state.chunk_range(at // state.chunk)
-                    ready = start + state.have[at // state.chunk]
+                    at, k = frontier.at, frontier.at // state.chunk
+                    ready = state.chunk_range(k)[0] + state.have[k]
                     if ready <= at:
                         if errors:
                             break

@@ -414,25 +414,24 @@ async def commit_upload(upload_id: str, reg: RegistryDep, principal: Writer) -> 
 
 
 async def _commit(reg: Registry, upload_id: str, principal: Principal) -> VersionInfo:
-    def load(session: Session) -> tuple[Upload | None, Version | None, list[str] | None]:
-        """The upload, a version it left pending, and which of its blobs are not stored yet
-        (None when its files cannot be listed yet: the error is raised once it is known who
-        is asking)."""
+    def load(session: Session) -> tuple[Upload, Version | None, list[str]]:
+        """The upload (raising unless the caller may commit it), a version it left pending,
+        and which of its blobs are not stored yet."""
         upload = session.get(Upload, upload_id)
-        if upload is None or upload.version_id is not None:
-            return upload, None, None
+        if upload is None:
+            raise UploadNotFound(f"no upload {upload_id!r}", details={"upload_id": upload_id})
+        principal.require_write(upload.repo)
+        if upload.version_id is not None:
+            return upload, None, []
         pending = session.exec(select(Version).where(
             Version.upload_id == upload_id, Version.status == "pending")).first()
-        try:
-            shas = list(dict.fromkeys(f.sha256 for f in _files(upload)))
-        except Conflict:
-            return upload, pending, None
-        return upload, pending, _missing_in(session, shas)
+        if pending is not None:
+            return upload, pending, []
+        _require_open(upload)
+        shas = list(dict.fromkeys(f.sha256 for f in _files(upload)))
+        return upload, None, _missing_in(session, shas)
 
     upload, pending, missing = await reg.db.run(load)
-    if upload is None:
-        raise UploadNotFound(f"no upload {upload_id!r}", details={"upload_id": upload_id})
-    principal.require_write(upload.repo)
     meta = PushMetadata.model_validate(upload.meta)
     if upload.version_id is not None:            # committed before, answered again
         return await pipeline.version_info(reg, upload.version_id)
@@ -440,11 +439,9 @@ async def _commit(reg: Registry, upload_id: str, principal: Principal) -> Versio
         info = await pipeline.finish(reg, version_id=pending.id, aliases=meta.aliases)
         await _mark(reg, upload_id, "committed", pending.id)
         return info
-    _require_open(upload)
     files = _files(upload)
     sizes = {f.sha256: f.size for f in files}
     staged = _staged(upload)
-    assert missing is not None                   # _files raised otherwise
     incomplete: dict[str, list[int]] = {}
     for sha in missing:
         key = staged.get(sha, sha)

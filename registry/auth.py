@@ -21,7 +21,7 @@ from quiver.errors import Forbidden, Unauthorized
 from quiver.registry.models import Token
 
 __all__ = ["Principal", "ANONYMOUS", "PrincipalCache", "hash_token", "new_token_secret",
-           "principal_for_token", "ensure_admin_token", "BOOTSTRAP_TOKEN_NAME"]
+           "principal_for_digest", "ensure_admin_token", "BOOTSTRAP_TOKEN_NAME"]
 
 BOOTSTRAP_TOKEN_NAME = "bootstrap-admin"
 _IMPLIED = {"admin": {"admin", "write", "read"}, "write": {"write", "read"}, "read": {"read"}}
@@ -83,9 +83,9 @@ def _effective(scopes: list[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-def principal_for_token(session: Session, secret: str) -> Principal:
-    """The principal a bearer token stands for; :class:`Unauthorized` when unknown."""
-    digest = hash_token(secret)
+def principal_for_digest(session: Session, digest: str) -> Principal:
+    """The principal of the bearer token whose :func:`hash_token` is ``digest``;
+    :class:`Unauthorized` when unknown."""
     row = session.exec(select(Token).where(Token.token_hash == digest)).first()
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         raise Unauthorized("invalid or revoked token")

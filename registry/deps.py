@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from quiver.errors import Unauthorized
-from quiver.registry.auth import ANONYMOUS, Principal, hash_token, principal_for_token
+from quiver.registry.auth import ANONYMOUS, Principal, hash_token, principal_for_digest
 from quiver.registry.settings import Settings
 from quiver.registry.state import Registry
 
@@ -52,7 +52,7 @@ async def current_principal(request: Request, registry: RegistryDep) -> Principa
     principal = registry.principals.get(digest)
     if principal is None:
         generation = registry.principals.generation
-        principal = await registry.db.run(lambda session: principal_for_token(session, secret))
+        principal = await registry.db.run(lambda session: principal_for_digest(session, digest))
         registry.principals.put(digest, principal, generation=generation)
     return principal
 

@@ -779,12 +779,11 @@ class LocalBlobStore:
                   else self._uploads / check_upload_key(upload_key))
 
         def remove() -> None:
-            with self._prefix_lock:
-                for key in [k for k in self._prefixes if k == target or target in k.parents]:
-                    del self._prefixes[key]
-            with self._flush_lock:
-                for key in [k for k in self._flushes if k == target or target in k.parents]:
-                    del self._flushes[key]
+            for lock, states in ((self._prefix_lock, self._prefixes),
+                                 (self._flush_lock, self._flushes)):
+                with lock:        # the in-memory state of every assembly under ``target``
+                    for key in [k for k in states if k == target or target in k.parents]:
+                        del states[key]
             shutil.rmtree(target, ignore_errors=True)
             if sha256 is not None:
                 with contextlib.suppress(OSError):
